@@ -1,0 +1,347 @@
+"""/jobs: submit, list, inspect, cancel, delete; trials, best, model download, report."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import optuna
+from fastapi import APIRouter, Header, Query, Response, status
+from fastapi.responses import FileResponse, HTMLResponse
+from optuna.trial import TrialState
+
+from search_spaces import FixedParam
+from service.api.deps import JobsDep, OwnerDep, SettingsDep, StorageDep
+from service.api.schemas import (
+    BestPublic,
+    BestSummary,
+    JobDetail,
+    JobList,
+    JobPublic,
+    Links,
+    TrialCounts,
+    TrialDetail,
+    TrialList,
+    TrialPublic,
+    ValidateResult,
+)
+from service.db import Job
+from service.errors import ConflictError, NotFoundError, SpecError
+from service.results import MODEL_ARTIFACT_ATTR, best_trial, best_view, state_counts, trial_row
+from service.spec import JobSpec
+from service.states import JobState
+from service.submission import check_limits, dataset_shape, estimate_parameters, submit
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+# Rough CPU cost per (sample x parameter x epoch) of forward+backward, from digits runs on 2 cores.
+_SECONDS_PER_SAMPLE_PARAM_EPOCH = 6e-9
+
+
+def _links(job_id: str) -> Links:
+    base = f"/jobs/{job_id}"
+    return Links(
+        self=base, trials=f"{base}/trials", best=f"{base}/best", model=f"{base}/best/model",
+        report=f"{base}/report", cancel=f"{base}/cancel",
+    )
+
+
+def _public(job: Job) -> JobPublic:
+    return JobPublic(
+        id=job.id, name=job.name, owner=job.owner, state=job.state, study_name=job.study_name,
+        n_trials=job.n_trials, finished_trials=job.finished, error=job.error,
+        created_at=_aware(job.created_at), started_at=_aware(job.started_at), finished_at=_aware(job.finished_at),
+        links=_links(job.id),
+    )
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    if ts is None:
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def _spec(job: Job) -> JobSpec:
+    return JobSpec.model_validate(json.loads(job.spec_json))
+
+
+def _study(job: Job, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=job.study_name, storage=storage)
+    except KeyError:
+        raise NotFoundError(f"the study of job {job.id} no longer exists", field="job_id") from None
+
+
+def _fixed(spec: JobSpec) -> dict[str, Any]:
+    return {n: p.value for n, p in spec.resolved_space().parameters.items() if isinstance(p, FixedParam)}
+
+
+def _encode_cursor(payload: list[Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> list[Any]:
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if not isinstance(value, list):
+            raise ValueError
+        return value
+    except Exception:
+        raise SpecError("malformed cursor; pass the next_cursor of a previous page", field="cursor") from None
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+def create_job(
+    spec: JobSpec,
+    response: Response,
+    jobs: JobsDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobPublic:
+    """Submit a job. The same Idempotency-Key with the same body returns the same job (200)."""
+    _check_dataset_reference(spec, settings, owner)
+    job, created = submit(
+        spec, settings=settings, jobs=jobs, storage=storage, owner=owner, idempotency_key=idempotency_key,
+        shape=_upload_shape(spec, settings, owner),
+    )
+    response.headers["Location"] = f"/jobs/{job.id}"
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return _public(job)
+
+
+def _check_dataset_reference(spec: JobSpec, settings: Any, owner: str) -> None:
+    """The server never opens a path from a request: csv/npz need a path under the data dir,
+    checked by the dataset layer; uploads must exist and belong to the owner."""
+    from service.datasets import resolve_safe_path
+
+    d = spec.dataset
+    if d.name in ("csv", "npz"):
+        resolve_safe_path(d.path, settings.resolved_data_dir)  # type: ignore[union-attr]
+    elif d.name == "upload":
+        _upload_info(d.id, settings, owner)  # type: ignore[union-attr]
+
+
+def _upload_info(upload_id: str, settings: Any, owner: str) -> Any:
+    from service.api.security import owner_slug
+    from service.datasets import get_upload_info
+
+    try:
+        return get_upload_info(upload_id, settings.resolved_upload_dir / owner_slug(owner))
+    except (NotFoundError, KeyError):
+        raise SpecError(f"no uploaded dataset with id {upload_id!r}", field="dataset.id") from None
+
+
+def _upload_shape(spec: JobSpec, settings: Any, owner: str) -> tuple[int, int] | None:
+    if spec.dataset.name == "upload":
+        info = _upload_info(spec.dataset.id, settings, owner)  # type: ignore[union-attr]
+        return int(info.features), int(info.n_classes)
+    return None
+
+
+@router.post("/validate", response_model=ValidateResult)
+def validate_job(spec: JobSpec, settings: SettingsDep, owner: OwnerDep) -> ValidateResult:
+    """Dry run: resolve the space, size the grid or budget, estimate run time; creates nothing."""
+    _check_dataset_reference(spec, settings, owner)
+    shape = _upload_shape(spec, settings, owner) or dataset_shape(spec)
+    check_limits(spec, settings, shape)
+    n = spec.budget()
+    params = estimate_parameters(spec, *shape) if shape else None
+    rows = {"digits": 1797, "mnist": 60000, "fashion_mnist": 60000}.get(spec.dataset.name)
+    if spec.dataset.name == "synthetic":
+        rows = spec.dataset.n_samples  # type: ignore[union-attr]
+    seconds = None
+    if params and rows:
+        train_rows = rows * (1 - spec.training.validation_split - spec.training.test_split)
+        seconds = round(n * spec.training.max_epochs * train_rows * params * _SECONDS_PER_SAMPLE_PARAM_EPOCH, 1)
+    return ValidateResult(
+        valid=True,
+        search_space=spec.resolved_space().model_dump(mode="json"),
+        sampler=spec.sampler.type,
+        grid_size=n if spec.sampler.type == "grid" else None,
+        n_trials=n,
+        estimated_parameters=params,
+        estimated_seconds=seconds,
+    )
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    jobs: JobsDep,
+    owner: OwnerDep,
+    state: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> JobList:
+    """Jobs newest first, paginated with an opaque cursor."""
+    before = None
+    if cursor:
+        raw = _decode_cursor(cursor)
+        try:
+            before = (datetime.fromisoformat(raw[0]), str(raw[1]))
+        except (IndexError, ValueError, TypeError):
+            raise SpecError("malformed cursor", field="cursor") from None
+    items = jobs.list(owner=owner, state=state.value if state else None, limit=limit + 1, before=before)
+    nxt = None
+    if len(items) > limit:
+        items = items[:limit]
+        last = items[-1]
+        nxt = _encode_cursor([last.created_at.isoformat(), last.id])
+    return JobList(items=[_public(j) for j in items], next_cursor=nxt)
+
+
+@router.get("/{job_id}", response_model=JobDetail)
+def get_job(job_id: str, jobs: JobsDep, storage: StorageDep, owner: OwnerDep) -> JobDetail:
+    job = jobs.get(job_id, owner=owner)
+    study = _study(job, storage)
+    trials = study.get_trials(deepcopy=False)
+    counts = state_counts(trials)
+    bt = best_trial(study)
+    best = BestSummary(trial_number=bt.number, value=bt.value, params=bt.params) if bt and bt.value is not None else None
+    elapsed = eta = None
+    if job.started_at is not None:
+        end = _aware(job.finished_at) or datetime.now(UTC)
+        elapsed = max(0.0, (end - _aware(job.started_at)).total_seconds())  # type: ignore[operator]
+        if job.state == JobState.RUNNING and job.finished > 0:
+            eta = elapsed / job.finished * max(0, job.n_trials - job.finished)
+    base = _public(job)
+    return JobDetail(
+        **base.model_dump(),
+        spec=_spec(job),
+        trial_counts=TrialCounts(**{k: v for k, v in counts.items() if k in TrialCounts.model_fields}),
+        best=best,
+        elapsed_s=elapsed,
+        eta_s=eta,
+    )
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, jobs: JobsDep, storage: StorageDep, owner: OwnerDep) -> JobPublic:
+    """queued -> cancelled; running -> cancelling (workers stop their trials within one epoch),
+    or cancelled at once when no trial is running."""
+    job = jobs.get(job_id, owner=owner)
+    if job.state == JobState.QUEUED:
+        if not jobs.transition(job.id, JobState.CANCELLED):
+            job = jobs.get(job_id)  # a worker started it meanwhile; cancel the running job
+    job = jobs.get(job_id)
+    if job.state == JobState.RUNNING:
+        jobs.transition(job.id, JobState.CANCELLING)
+        running = _study(job, storage).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            jobs.try_transition(job.id, JobState.CANCELLED)
+    elif job.state not in (JobState.CANCELLING, JobState.CANCELLED):
+        jobs.transition(job.id, JobState.CANCELLING)  # raises the named 409 for terminal states
+    return _public(jobs.get(job_id))
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_job(job_id: str, jobs: JobsDep, storage: StorageDep, settings: SettingsDep, owner: OwnerDep) -> Response:
+    """Delete a job that is not running, with its study and model files."""
+    job = jobs.get(job_id, owner=owner)
+    if job.state in (JobState.RUNNING, JobState.CANCELLING):
+        raise ConflictError(f"job {job.id} is {job.state}; cancel it and wait until it is cancelled", field="state")
+    try:
+        study = optuna.load_study(study_name=job.study_name, storage=storage)
+        _delete_artifacts(study, settings)
+        optuna.delete_study(study_name=job.study_name, storage=storage)
+    except KeyError:
+        pass
+    jobs.delete(job.id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _delete_artifacts(study: optuna.Study, settings: Any) -> None:
+    root = settings.resolved_artifact_dir
+    for t in study.get_trials(deepcopy=False):
+        aid = t.user_attrs.get(MODEL_ARTIFACT_ATTR)
+        if isinstance(aid, str) and aid.replace("-", "").isalnum():
+            (root / aid).unlink(missing_ok=True)
+
+
+@router.get("/{job_id}/trials", response_model=TrialList)
+def list_trials(
+    job_id: str,
+    jobs: JobsDep,
+    storage: StorageDep,
+    owner: OwnerDep,
+    state: Annotated[str | None, Query(pattern="^(complete|pruned|fail|running|waiting)$")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> TrialList:
+    """Trials by number, paginated (cursor = the last number seen)."""
+    job = jobs.get(job_id, owner=owner)
+    trials = _study(job, storage).get_trials(deepcopy=False)
+    if state:
+        trials = [t for t in trials if t.state.name.lower() == state]
+    after = -1
+    if cursor:
+        raw = _decode_cursor(cursor)
+        if not raw or not isinstance(raw[0], int):
+            raise SpecError("malformed cursor", field="cursor")
+        after = raw[0]
+    page = [t for t in trials if t.number > after][:limit]
+    more = len([t for t in trials if t.number > after]) > limit
+    return TrialList(
+        items=[TrialPublic(**trial_row(t)) for t in page],
+        next_cursor=_encode_cursor([page[-1].number]) if more and page else None,
+        total=len(trials),
+    )
+
+
+@router.get("/{job_id}/trials/{number}", response_model=TrialDetail)
+def get_trial(job_id: str, number: int, jobs: JobsDep, storage: StorageDep, owner: OwnerDep) -> TrialDetail:
+    job = jobs.get(job_id, owner=owner)
+    trials = _study(job, storage).get_trials(deepcopy=False)
+    for t in trials:
+        if t.number == number:
+            return TrialDetail(**_json_safe(trial_row(t, with_history=True)))
+    raise NotFoundError(f"job {job_id} has no trial {number}", field="number")
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+@router.get("/{job_id}/best", response_model=BestPublic)
+def get_best(job_id: str, jobs: JobsDep, storage: StorageDep, owner: OwnerDep) -> BestPublic:
+    job = jobs.get(job_id, owner=owner)
+    return BestPublic(**_json_safe(best_view(_study(job, storage), fixed=_fixed(_spec(job)))))
+
+
+@router.get(
+    "/{job_id}/best/model",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
+)
+def download_model(job_id: str, jobs: JobsDep, storage: StorageDep, settings: SettingsDep, owner: OwnerDep) -> FileResponse:
+    """The best trial's weights as safetensors (architecture in the file's metadata)."""
+    job = jobs.get(job_id, owner=owner)
+    view = best_view(_study(job, storage))
+    aid = view.get("model_artifact_id")
+    path = settings.resolved_artifact_dir / str(aid) if aid else None
+    if not aid or not str(aid).replace("-", "").isalnum() or path is None or not path.is_file():
+        raise NotFoundError(f"no saved model for the best trial of job {job_id}", field="model")
+    return FileResponse(
+        path, media_type="application/octet-stream",
+        filename=f"{job.name}-trial{view['trial_number']}.safetensors",
+    )
+
+
+@router.get("/{job_id}/report", response_class=HTMLResponse)
+def get_report(job_id: str, jobs: JobsDep, storage: StorageDep, owner: OwnerDep) -> HTMLResponse:
+    """A self-contained HTML report of the job."""
+    from service.report import render_report
+
+    job = jobs.get(job_id, owner=owner)
+    return HTMLResponse(render_report(job, _study(job, storage), _spec(job)))

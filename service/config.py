@@ -1,0 +1,92 @@
+"""Typed settings, read once at the edge (CLI / app factory) and passed inward explicitly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service import defaults
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; environment variables use the ``HPO_`` prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="HPO_", extra="ignore")
+
+    data_root: Path = Field(default=Path(defaults.DATA_ROOT), description="Database, uploads, artifacts.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite file under data_root."
+    )
+    data_dir: Path | None = Field(
+        default=None, description="Where MNIST / Fashion-MNIST IDX files live (default data_root/datasets)."
+    )
+    artifact_dir: Path | None = Field(default=None, description="Model weights (default data_root/artifacts).")
+    upload_dir: Path | None = Field(default=None, description="Uploaded datasets (default data_root/uploads).")
+
+    # API
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_tokens: str = Field(
+        default="",
+        description="Comma-separated 'owner:token' pairs (or bare tokens); empty disables auth (loopback only).",
+    )
+
+    # Worker
+    heartbeat_interval_s: int = defaults.HEARTBEAT_INTERVAL_S
+    heartbeat_grace_s: int = defaults.HEARTBEAT_GRACE_S
+    max_trial_retries: int = defaults.MAX_TRIAL_RETRIES
+    max_trial_failures: int = defaults.MAX_TRIAL_FAILURES
+    poll_interval_s: float = defaults.POLL_INTERVAL_S
+    stop_grace_s: float = defaults.STOP_GRACE_S
+    device: str = Field(default="auto", description="auto | cpu | cuda")
+    population: int | None = Field(default=None, description="Trials trained together; None = automatic.")
+
+    # Limits
+    max_n_trials: int = defaults.MAX_N_TRIALS
+    max_epochs: int = defaults.MAX_EPOCHS_LIMIT
+    max_hidden_width: int = defaults.MAX_HIDDEN_WIDTH
+    max_hidden_layers: int = defaults.MAX_HIDDEN_LAYERS
+    max_parameters: int = defaults.MAX_PARAMETERS
+    max_grid_size: int = defaults.MAX_GRID_SIZE
+    max_upload_bytes: int = defaults.MAX_UPLOAD_BYTES
+    max_dataset_rows: int = defaults.MAX_DATASET_ROWS
+    max_dataset_features: int = defaults.MAX_DATASET_FEATURES
+    max_active_jobs_per_owner: int = defaults.MAX_ACTIVE_JOBS_PER_OWNER
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v not in {"auto", "cpu", "cuda"}:
+            raise ValueError("must be one of auto, cpu, cuda")
+        return v
+
+    # Derived paths --------------------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_root / defaults.DATABASE_FILE).resolve()}"
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir or self.data_root / "datasets"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or self.data_root / "artifacts"
+
+    @property
+    def resolved_upload_dir(self) -> Path:
+        return self.upload_dir or self.data_root / "uploads"
+
+    def token_owners(self) -> dict[str, str]:
+        """Map token -> owner. 'alice:s3cret' gives owner alice; a bare token is its own owner."""
+        owners: dict[str, str] = {}
+        for item in (p.strip() for p in self.api_tokens.split(",")):
+            if not item:
+                continue
+            owner, sep, token = item.partition(":")
+            owners[token if sep else owner] = owner if sep else f"token-{len(owners) + 1}"
+        return owners

@@ -1,0 +1,87 @@
+"""Read-side views of a job's study: trial rows, counts, best trial. Shared by API and CLI."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from service.errors import NotFoundError
+
+MODEL_ARTIFACT_ATTR = "model_artifact_id"
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def trial_row(t: FrozenTrial, *, with_history: bool = False) -> dict[str, Any]:
+    ua = t.user_attrs
+    duration = ua.get("duration_s")
+    if duration is None and t.datetime_start and t.datetime_complete:
+        duration = (t.datetime_complete - t.datetime_start).total_seconds()
+    row: dict[str, Any] = {
+        "number": t.number,
+        "state": t.state.name.lower(),
+        "params": t.params,
+        "value": _finite(t.value) if t.state == TrialState.COMPLETE else None,
+        "epochs_run": ua.get("epochs_run", len(t.intermediate_values) or None),
+        "best_epoch": ua.get("best_epoch"),
+        "stopped_early": ua.get("stopped_early"),
+        "diverged": bool(ua.get("diverged", False)),
+        "reason": ua.get("diverged_reason") or ua.get("fail_reason"),
+        "duration_s": duration,
+        "retry_of": t.system_attrs.get("failed_trial"),
+    }
+    if with_history:
+        row["history"] = ua.get("history", [])
+        row["intermediate_values"] = {str(k): _finite(v) for k, v in sorted(t.intermediate_values.items())}
+        row["user_attrs"] = {k: v for k, v in ua.items() if k != "history"}
+    return row
+
+
+def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    counts = {s.name.lower(): 0 for s in TrialState}
+    for t in trials:
+        counts[t.state.name.lower()] += 1
+    counts["diverged"] = sum(1 for t in trials if t.user_attrs.get("diverged"))
+    return counts
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best COMPLETE trial (diverged trials are PRUNED and never ranked), or None."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if not complete:
+        return None
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    # ties break toward the earlier trial, like Optuna
+    return sorted(complete, key=lambda t: (-(t.value or 0.0) if maximize else (t.value or 0.0), t.number))[0]
+
+
+def best_view(study: optuna.Study, *, fixed: dict[str, Any] | None = None) -> dict[str, Any]:
+    t = best_trial(study)
+    if t is None:
+        raise NotFoundError("this job has no complete trial yet", field="best")
+    ua = t.user_attrs
+    return {
+        "trial_number": t.number,
+        "params": t.params,
+        "config": {**(fixed or {}), **t.params},
+        "objective": study.user_attrs.get("hpo_spec", {}).get("objective", "val_accuracy"),
+        "value": t.value,
+        "val_accuracy": ua.get("best_val_accuracy"),
+        "val_loss": ua.get("best_val_loss"),
+        "test_accuracy": ua.get("test_accuracy"),
+        "best_epoch": ua.get("best_epoch"),
+        "epochs_run": ua.get("epochs_run"),
+        "model_artifact_id": ua.get(MODEL_ARTIFACT_ATTR),
+    }
+
+
+def top_trials(study: optuna.Study, k: int = 10) -> list[FrozenTrial]:
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    complete.sort(key=lambda t: (-(t.value or 0.0) if maximize else (t.value or 0.0), t.number))
+    return complete[:k]

@@ -1,0 +1,132 @@
+"""Optuna studies for jobs: storage, sampler, pruner, grid enqueueing. No torch here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from search_spaces.sampling import distribution
+from service.config import Settings
+from service.db.engine import configure_sqlite, engine_kwargs, ensure_sqlite_dir
+from service.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+SPEC_ATTR = "hpo_spec"
+JOB_ID_ATTR = "hpo_job_id"
+GRID_ENQUEUED_ATTR = "hpo_grid_enqueued"
+
+StaleHook = Callable[[optuna.Study, FrozenTrial], None]
+
+
+def make_storage(
+    url: str,
+    settings: Settings | None = None,
+    *,
+    heartbeat: bool = False,
+    on_stale: StaleHook | None = None,
+) -> RDBStorage:
+    """Optuna's RDB storage on the shared database.
+
+    With ``heartbeat`` (workers), a RUNNING trial whose worker stopped beating for
+    ``heartbeat_grace_s`` is failed by the next ``fail_stale_trials`` and re-queued as WAITING
+    with the same parameters (up to ``max_trial_retries``); ``on_stale`` runs after that for
+    bookkeeping (the worker releases the dead trial's budget slot there).
+    """
+    settings = settings or Settings()
+    ensure_sqlite_dir(url)
+    kwargs: dict[str, Any] = {"engine_kwargs": engine_kwargs(url)}
+    if heartbeat:
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=settings.max_trial_retries)
+
+        def _stale(study: optuna.Study, trial: FrozenTrial) -> None:
+            retry(study, trial)
+            if on_stale is not None:
+                on_stale(study, trial)
+
+        kwargs.update(
+            heartbeat_interval=settings.heartbeat_interval_s,
+            grace_period=settings.heartbeat_grace_s,
+            heartbeat_stale_trial_callback=_stale,
+        )
+    storage = RDBStorage(url, **kwargs)
+    configure_sqlite(storage.engine)
+    storage.engine.dispose()  # connections opened before the hooks existed must not be reused
+    return storage
+
+
+def make_sampler(spec: JobSpec) -> optuna.samplers.BaseSampler:
+    s = spec.sampler
+    if s.type == "tpe":
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    # Grid jobs enqueue every point up front; RandomSampler only fills parameters a retried
+    # trial does not fix, which never happens for a complete grid.
+    return optuna.samplers.RandomSampler(seed=s.seed)
+
+
+def make_pruner(spec: JobSpec) -> optuna.pruners.BasePruner:
+    p = spec.pruner
+    if p.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if p.type == "percentile":
+        return optuna.pruners.PercentilePruner(
+            p.percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
+    if p.type == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=p.min_resource, reduction_factor=p.reduction_factor
+        )
+    if p.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource, max_resource=spec.training.max_epochs, reduction_factor=p.reduction_factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+def create_job_study(
+    storage: optuna.storages.BaseStorage, study_name: str, spec: JobSpec, *, job_id: str, max_grid_size: int
+) -> optuna.Study:
+    """Create (or load) the job's study; a grid job gets every grid point enqueued exactly once."""
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        direction=spec.direction,
+        load_if_exists=True,
+    )
+    if SPEC_ATTR not in study.user_attrs:
+        study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
+        study.set_user_attr(JOB_ID_ATTR, job_id)
+    if spec.sampler.type == "grid" and not study.system_attrs.get(GRID_ENQUEUED_ATTR):
+        enqueue_grid(study, spec, max_grid_size=max_grid_size)
+    return study
+
+
+def enqueue_grid(study: optuna.Study, spec: JobSpec, *, max_grid_size: int) -> int:
+    """Add one WAITING trial per grid point (one transaction), then mark the study as enqueued."""
+    space = spec.resolved_space()
+    trials = []
+    for point in spec.grid_points(limit=max_grid_size):
+        dists = {k: d for k in point if (d := distribution(space, k)) is not None}
+        params = {k: v for k, v in point.items() if k in dists}
+        trials.append(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=params,
+                distributions=dists,
+                system_attrs={"hpo_grid_point": point},
+            )
+        )
+    study.add_trials(trials)
+    study._storage.set_study_system_attr(study._study_id, GRID_ENQUEUED_ATTR, True)
+    return len(trials)
+
+
+def load_job_study(storage: optuna.storages.BaseStorage, study_name: str, spec: JobSpec) -> optuna.Study:
+    return optuna.load_study(
+        study_name=study_name, storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec)
+    )

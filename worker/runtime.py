@@ -1,0 +1,80 @@
+"""Per-process, per-job state a worker keeps: the parsed spec, the study, the resident tensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+
+from service.config import Settings
+from service.datasets import load_dataset, make_splits
+from service.db import Job
+from service.spec import JobSpec
+from service.studies import load_job_study
+from worker.training import TensorSplits, resolve_device, to_tensors
+
+
+@dataclass
+class JobRuntime:
+    job_id: str
+    spec: JobSpec
+    study: optuna.Study
+    data: TensorSplits
+    device: torch.device
+    n_features: int
+    n_classes: int
+
+
+@dataclass
+class RuntimeCache:
+    """Datasets are loaded and split once per process per job, not once per trial."""
+
+    settings: Settings
+    storage: optuna.storages.BaseStorage
+    allow_local_paths: bool = False
+    _jobs: dict[str, JobRuntime] = field(default_factory=dict)
+
+    def get(self, job: Job) -> JobRuntime:
+        rt = self._jobs.get(job.id)
+        if rt is None:
+            rt = self._load(job)
+            self._jobs[job.id] = rt
+        return rt
+
+    def forget(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+
+    def _load(self, job: Job) -> JobRuntime:
+        spec = JobSpec.model_validate(json.loads(job.spec_json))
+        device_name = spec.training.device if spec.training.device != "auto" else self.settings.device
+        device = resolve_device(device_name)
+        ds = load_dataset(
+            spec.dataset,
+            data_dir=self.settings.resolved_data_dir,
+            upload_dir=self.settings.resolved_upload_dir,
+            allow_local_paths=self.allow_local_paths,
+        )
+        sp = make_splits(
+            ds,
+            validation_split=spec.training.validation_split,
+            test_split=spec.training.test_split,
+            seed=spec.training.split_seed,
+        )
+        data = to_tensors(sp.X_train, sp.y_train, sp.X_val, sp.y_val, sp.X_test, sp.y_test, device)
+        study = load_job_study(self.storage, job.study_name, spec)
+        return JobRuntime(job.id, spec, study, data, device, sp.n_features, sp.n_classes)
+
+
+def describe(rt: JobRuntime) -> dict[str, Any]:
+    return {
+        "job_id": rt.job_id,
+        "train": int(rt.data.X_train.shape[0]),
+        "val": int(rt.data.X_val.shape[0]),
+        "test": int(rt.data.X_test.shape[0]),
+        "features": rt.n_features,
+        "classes": rt.n_classes,
+        "device": str(rt.device),
+    }
