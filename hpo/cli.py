@@ -24,7 +24,10 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 StorageOpt = Annotated[
-    str | None, typer.Option("--storage", help="Database URL (default: HPO_DATABASE_URL or ./hpo-data/hpo.db).")
+    str | None,
+    typer.Option(
+        "--storage", help="Database URL (default: HPO_DATABASE_URL or ./hpo-data/hpo.db)."
+    ),
 ]
 
 
@@ -62,8 +65,12 @@ def run(
 def worker(
     storage: StorageOpt = None,
     once: Annotated[bool, typer.Option("--once", help="Exit when no job is runnable.")] = False,
-    max_trials: Annotated[int | None, typer.Option("--max-trials", help="Exit after this many trials.")] = None,
-    population: Annotated[int | None, typer.Option("--population", help="Trials trained together.")] = None,
+    max_trials: Annotated[
+        int | None, typer.Option("--max-trials", help="Exit after this many trials.")
+    ] = None,
+    population: Annotated[
+        int | None, typer.Option("--population", help="Trials trained together.")
+    ] = None,
 ) -> None:
     """Take trials of runnable jobs from the shared database until stopped (SIGTERM exits 0)."""
     from worker.loop import Worker
@@ -79,7 +86,9 @@ def worker(
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Bind address (default HPO_HOST or 127.0.0.1).")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Bind address (default HPO_HOST or 127.0.0.1).")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default HPO_PORT or 8000).")] = None,
     storage: StorageOpt = None,
 ) -> None:
@@ -90,7 +99,9 @@ def serve(
     from service.api.security import check_bind_allowed
 
     settings = _settings(storage)
-    settings = settings.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    settings = settings.model_copy(
+        update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    )
     try:
         check_bind_allowed(settings)
     except HPOError as e:
@@ -116,24 +127,34 @@ def spaces(name: Annotated[str | None, typer.Argument(help="Show one preset.")] 
         load_preset(name)
     except KeyError as e:
         raise fail(str(e), 2) from None
-    console.print(yaml.safe_dump(yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()), sort_keys=False))
+    console.print(
+        yaml.safe_dump(yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()), sort_keys=False)
+    )
 
 
 @app.command()
 def dashboard(
     storage: StorageOpt = None,
     port: Annotated[int, typer.Option(help="Port for optuna-dashboard.")] = 8080,
-    host: Annotated[str, typer.Option(help="Bind address (loopback by default: the dashboard has no auth).")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Bind address (loopback by default: the dashboard has no auth).")
+    ] = "127.0.0.1",
 ) -> None:
     """Start optuna-dashboard on the configured database."""
     settings = _settings(storage)
     url = settings.resolved_database_url
     console.print(f"optuna-dashboard on http://{host}:{port} reading {url}")
     settings.resolved_artifact_dir.mkdir(parents=True, exist_ok=True)
-    code = (
-        "import sys; from optuna_dashboard._cli import main; sys.argv[0] = 'optuna-dashboard'; sys.exit(main())"
-    )
-    argv = [url, "--host", host, "--port", str(port), "--artifact-dir", str(settings.resolved_artifact_dir)]
+    code = "import sys; from optuna_dashboard._cli import main; sys.argv[0] = 'optuna-dashboard'; sys.exit(main())"
+    argv = [
+        url,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--artifact-dir",
+        str(settings.resolved_artifact_dir),
+    ]
     os.execv(sys.executable, [sys.executable, "-c", code, *argv])
 
 
@@ -144,11 +165,12 @@ def main() -> None:
 
     # Heartbeats and the retry callback are "experimental" in Optuna 5; we rely on them knowingly.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    logging.basicConfig(level=os.environ.get("HPO_LOG_LEVEL", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        from hpo import client  # noqa: F401  (registers the client commands)
-    except ImportError:  # client commands are optional until the API exists
-        pass
+    logging.basicConfig(
+        level=os.environ.get("HPO_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from hpo import client  # noqa: F401  (registers the client commands on `app`)
+
     try:
         app()
     except HPOError as e:

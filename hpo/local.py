@@ -31,12 +31,11 @@ class _Listener:
         done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
         pruned = sum(t.state == TrialState.PRUNED for t in trials)
         failed = sum(t.state == TrialState.FAIL for t in trials)
-        complete = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        complete = [
+            t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+        ]
         best = (max(complete) if self.progress.maximize else min(complete)) if complete else None
         self.progress.update(done=done, pruned=pruned, failed=failed, best=best, status=status)
-
-    def trial_started(self, job: Job, number: int) -> None:
-        pass
 
     def epoch_done(self, job: Job, number: int, metrics: Any) -> None:
         self.progress.progress.update(
@@ -47,13 +46,22 @@ class _Listener:
         self.refresh(f"trial {outcome.number} {outcome.outcome}")
 
 
-def find_or_create_job(spec: JobSpec, settings: Settings, jobs: JobStore, storage: Any) -> tuple[Job, bool]:
+def find_or_create_job(
+    spec: JobSpec, settings: Settings, jobs: JobStore, storage: Any
+) -> tuple[Job, bool]:
     """Continue the newest local job with this name and the same spec, else create one."""
     digest = spec_hash(spec)
     for job in jobs.find_by_name(spec.name, owner="local"):
         if job.spec_hash == digest and job.state not in (JobState.CANCELLED, JobState.FAILED):
             return job, False
-    return submit(spec, settings=settings, jobs=jobs, storage=storage, owner="local", enforce_active_limit=False)
+    return submit(
+        spec,
+        settings=settings,
+        jobs=jobs,
+        storage=storage,
+        owner="local",
+        enforce_active_limit=False,
+    )
 
 
 def run_local(spec: JobSpec, settings: Settings, console: Console) -> int:
@@ -79,7 +87,10 @@ def run_local(spec: JobSpec, settings: Settings, console: Console) -> int:
         listener.refresh("done")
     elapsed = time.monotonic() - start
     job = jobs.get(job.id)
-    console.print(f"job {job.id} is [bold]{job.state}[/] after {elapsed:.1f} s" + (f": {job.error}" if job.error else ""))
+    console.print(
+        f"job {job.id} is [bold]{job.state}[/] after {elapsed:.1f} s"
+        + (f": {job.error}" if job.error else "")
+    )
     print_results(study, spec, console)
     console.print(
         f"\nInspect: [bold]optuna-dashboard {url}[/]  (or: hpo dashboard)   "
@@ -91,7 +102,9 @@ def run_local(spec: JobSpec, settings: Settings, console: Console) -> int:
 
 
 def fixed_params(spec: JobSpec) -> dict[str, Any]:
-    return {n: p.value for n, p in spec.resolved_space().parameters.items() if isinstance(p, FixedParam)}
+    return {
+        n: p.value for n, p in spec.resolved_space().parameters.items() if isinstance(p, FixedParam)
+    }
 
 
 def print_results(study: optuna.Study, spec: JobSpec, console: Console, k: int = 10) -> None:
@@ -111,11 +124,18 @@ def print_results(study: optuna.Study, spec: JobSpec, console: Console, k: int =
         cells = [_fmt(t.params.get(n, "")) for n in names]
         ua = t.user_attrs
         table.add_row(
-            str(t.number), f"{t.value:.4f}", *cells, str(ua.get("epochs_run", "")), "yes" if ua.get("stopped_early") else "no"
+            str(t.number),
+            f"{t.value:.4f}",
+            *cells,
+            str(ua.get("epochs_run", "")),
+            "yes" if ua.get("stopped_early") else "no",
         )
     console.print(table)
     best = best_view(study, fixed=fixed_params(spec))
-    console.print(f"[bold green]Best trial #{best['trial_number']}[/]: {spec.objective} = {best['value']:.4f}", end="")
+    console.print(
+        f"[bold green]Best trial #{best['trial_number']}[/]: {spec.objective} = {best['value']:.4f}",
+        end="",
+    )
     if best.get("test_accuracy") is not None:
         console.print(f", held-out test accuracy = {best['test_accuracy']:.4f}")
     else:

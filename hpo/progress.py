@@ -6,7 +6,14 @@ import math
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 class JobProgress:
@@ -29,7 +36,9 @@ class JobProgress:
             console=console or Console(stderr=True),
             transient=False,
         )
-        self.task = self.progress.add_task("trials", total=total, pruned=0, failed=0, best="-", status="")
+        self.task = self.progress.add_task(
+            "trials", total=total, pruned=0, failed=0, best="-", status=""
+        )
 
     def __enter__(self) -> JobProgress:
         self.progress.start()
@@ -39,10 +48,23 @@ class JobProgress:
         self.progress.stop()
 
     def update(
-        self, *, done: int, pruned: int, failed: int, best: float | None, status: str = "", total: int | None = None
+        self,
+        *,
+        done: int,
+        pruned: int,
+        failed: int,
+        best: float | None,
+        status: str = "",
+        total: int | None = None,
     ) -> None:
         best_s = f"{self.objective}={best:.4f}" if best is not None and math.isfinite(best) else "-"
-        kwargs: dict[str, Any] = {"completed": done, "pruned": pruned, "failed": failed, "best": best_s, "status": status}
+        kwargs: dict[str, Any] = {
+            "completed": done,
+            "pruned": pruned,
+            "failed": failed,
+            "best": best_s,
+            "status": status,
+        }
         if total is not None:
             kwargs["total"] = total
         self.progress.update(self.task, **kwargs)

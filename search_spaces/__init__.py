@@ -1,7 +1,13 @@
 """Declarative search spaces: the schema, the shipped presets, grid enumeration, Optuna sampling."""
 
 from search_spaces.grid import GridError, enumerate_grid, grid_size, grid_values
-from search_spaces.presets import PRESET_DIR, PresetNotFoundError, list_presets, load_preset, load_yaml_file
+from search_spaces.presets import (
+    PRESET_DIR,
+    PresetNotFoundError,
+    list_presets,
+    load_preset,
+    load_yaml_file,
+)
 from search_spaces.schema import (
     ACTIVATIONS,
     INITS,

@@ -36,7 +36,9 @@ def grid_size(space: SearchSpace) -> int:
     return _count(space, values, list(space.parameters), {})
 
 
-def _count(space: SearchSpace, values: dict[str, list[Any]], names: list[str], chosen: dict[str, Any]) -> int:
+def _count(
+    space: SearchSpace, values: dict[str, list[Any]], names: list[str], chosen: dict[str, Any]
+) -> int:
     # Conditions only refer to categorical parents, so we branch on those and multiply the rest.
     if not names:
         return 1

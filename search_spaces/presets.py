@@ -38,7 +38,9 @@ def load_preset(name: str) -> SearchSpace:
     """A preset by name; raises PresetNotFoundError listing the available ones."""
     path = PRESET_DIR / f"{name}.yaml"
     if not name.replace("-", "").replace("_", "").isalnum() or not path.is_file():
-        raise PresetNotFoundError(f"unknown search-space preset {name!r}; available: {', '.join(list_presets())}")
+        raise PresetNotFoundError(
+            f"unknown search-space preset {name!r}; available: {', '.join(list_presets())}"
+        )
     try:
         return SearchSpace.model_validate(load_yaml_file(path))
     except ValidationError as e:  # a broken preset is a bug in this repo; say which file

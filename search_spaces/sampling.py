@@ -28,9 +28,13 @@ def suggest(space: SearchSpace, trial: optuna.Trial) -> dict[str, Any]:
         if isinstance(param, FixedParam):
             params[name] = param.value
         elif isinstance(param, FloatParam):
-            params[name] = trial.suggest_float(name, param.low, param.high, log=param.log, step=param.step)
+            params[name] = trial.suggest_float(
+                name, param.low, param.high, log=param.log, step=param.step
+            )
         elif isinstance(param, IntParam):
-            params[name] = trial.suggest_int(name, param.low, param.high, log=param.log, step=param.step)
+            params[name] = trial.suggest_int(
+                name, param.low, param.high, log=param.log, step=param.step
+            )
         else:
             params[name] = trial.suggest_categorical(name, param.choices)
     return params

@@ -89,7 +89,9 @@ class FloatParam(_Param):
                 raise ValueError("grid must list at least one value")
             bad = [v for v in self.grid if not math.isfinite(v) or not self.low <= v <= self.high]
             if bad:
-                raise ValueError(f"grid values {bad} lie outside [low, high] = [{self.low}, {self.high}]")
+                raise ValueError(
+                    f"grid values {bad} lie outside [low, high] = [{self.low}, {self.high}]"
+                )
         return self
 
 
@@ -114,11 +116,17 @@ class IntParam(_Param):
                 raise ValueError("grid must list at least one value")
             bad = [v for v in self.grid if not self.low <= v <= self.high]
             if bad:
-                raise ValueError(f"grid values {bad} lie outside [low, high] = [{self.low}, {self.high}]")
+                raise ValueError(
+                    f"grid values {bad} lie outside [low, high] = [{self.low}, {self.high}]"
+                )
         return self
 
     def grid_values(self) -> list[int]:
-        return list(self.grid) if self.grid is not None else list(range(self.low, self.high + 1, self.step))
+        return (
+            list(self.grid)
+            if self.grid is not None
+            else list(range(self.low, self.high + 1, self.step))
+        )
 
 
 class CategoricalParam(_Param):
@@ -140,7 +148,9 @@ class FixedParam(_Param):
     value: ParamValue
 
 
-Parameter = Annotated[FloatParam | IntParam | CategoricalParam | FixedParam, Field(discriminator="type")]
+Parameter = Annotated[
+    FloatParam | IntParam | CategoricalParam | FixedParam, Field(discriminator="type")
+]
 
 
 def _values_of(param: Parameter) -> list[Any] | None:
@@ -199,7 +209,9 @@ class SearchSpace(BaseModel):
         for name, param in self.parameters.items():
             where = f"parameters.{name}"
             if name not in KNOWN_PARAMETERS:
-                raise ValueError(f"{where}: unknown parameter; known: {', '.join(KNOWN_PARAMETERS)}")
+                raise ValueError(
+                    f"{where}: unknown parameter; known: {', '.join(KNOWN_PARAMETERS)}"
+                )
             _check_param_kind(name, param, where)
             if param.when:
                 for parent, values in param.when.items():
@@ -209,7 +221,10 @@ class SearchSpace(BaseModel):
                             f"{where}.when: {parent!r} must be a parameter defined before {name!r}"
                         )
                     parent_values = _values_of(parent_param)
-                    if not isinstance(parent_param, CategoricalParam | FixedParam) or parent_values is None:
+                    if (
+                        not isinstance(parent_param, CategoricalParam | FixedParam)
+                        or parent_values is None
+                    ):
                         raise ValueError(f"{where}.when: {parent!r} must be categorical or fixed")
                     unknown = [v for v in values if v not in parent_values]
                     if unknown or not values:
@@ -226,9 +241,10 @@ class SearchSpace(BaseModel):
 
 
 def _check_param_kind(name: str, param: Parameter, where: str) -> None:
-    if name in _CATEGORICAL_VOCAB or name in _BOOL_PARAMS:
-        if not isinstance(param, CategoricalParam | FixedParam):
-            raise ValueError(f"{where}: {name} must be categorical or fixed, not {param.type}")
+    if (name in _CATEGORICAL_VOCAB or name in _BOOL_PARAMS) and not isinstance(
+        param, CategoricalParam | FixedParam
+    ):
+        raise ValueError(f"{where}: {name} must be categorical or fixed, not {param.type}")
     if name in _INTEGER_PARAMS and isinstance(param, FloatParam):
         raise ValueError(f"{where}: {name} takes integers; use type int")
     values: list[Any] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -15,15 +16,22 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HPO_", extra="ignore")
 
-    data_root: Path = Field(default=Path(defaults.DATA_ROOT), description="Database, uploads, artifacts.")
+    data_root: Path = Field(
+        default=Path(defaults.DATA_ROOT), description="Database, uploads, artifacts."
+    )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default: SQLite file under data_root."
     )
     data_dir: Path | None = Field(
-        default=None, description="Where MNIST / Fashion-MNIST IDX files live (default data_root/datasets)."
+        default=None,
+        description="Where MNIST / Fashion-MNIST IDX files live (default data_root/datasets).",
     )
-    artifact_dir: Path | None = Field(default=None, description="Model weights (default data_root/artifacts).")
-    upload_dir: Path | None = Field(default=None, description="Uploaded datasets (default data_root/uploads).")
+    artifact_dir: Path | None = Field(
+        default=None, description="Model weights (default data_root/artifacts)."
+    )
+    upload_dir: Path | None = Field(
+        default=None, description="Uploaded datasets (default data_root/uploads)."
+    )
 
     # API
     host: str = "127.0.0.1"
@@ -41,7 +49,9 @@ class Settings(BaseSettings):
     poll_interval_s: float = defaults.POLL_INTERVAL_S
     stop_grace_s: float = defaults.STOP_GRACE_S
     device: str = Field(default="auto", description="auto | cpu | cuda")
-    population: int | None = Field(default=None, description="Trials trained together; None = automatic.")
+    population: int | None = Field(
+        default=None, description="Trials trained together; None = automatic."
+    )
 
     # Limits
     max_n_trials: int = defaults.MAX_N_TRIALS
@@ -80,6 +90,11 @@ class Settings(BaseSettings):
     @property
     def resolved_upload_dir(self) -> Path:
         return self.upload_dir or self.data_root / "uploads"
+
+    def upload_dir_for(self, owner: str) -> Path:
+        """Each owner's uploads live in their own folder (another owner's ids are not found)."""
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", owner)[:100].lstrip(".") or "_"
+        return self.resolved_upload_dir / slug
 
     def token_owners(self) -> dict[str, str]:
         """Map token -> owner. 'alice:s3cret' gives owner alice; a bare token is its own owner."""

@@ -52,12 +52,22 @@ def learning_curves(trials: list[optuna.trial.FrozenTrial]) -> go.Figure:
             for split, dash in (("train", "dot"), ("val", "solid")):
                 ys = [_num(h.get(f"{split}_{key}")) for h in hist]
                 fig.add_trace(
-                    go.Scatter(x=ep, y=ys, mode="lines+markers", line={"color": color, "dash": dash},
-                               name=f"#{t.number} {split}", legendgroup=f"t{t.number}", showlegend=(col == 1)),
-                    row=1, col=col,
+                    go.Scatter(
+                        x=ep,
+                        y=ys,
+                        mode="lines+markers",
+                        line={"color": color, "dash": dash},
+                        name=f"#{t.number} {split}",
+                        legendgroup=f"t{t.number}",
+                        showlegend=(col == 1),
+                    ),
+                    row=1,
+                    col=col,
                 )
     fig.update_xaxes(title_text="epoch")
-    fig.update_layout(height=420, title="Learning curves of the top trials (dotted: train, solid: validation)")
+    fig.update_layout(
+        height=420, title="Learning curves of the top trials (dotted: train, solid: validation)"
+    )
     return fig
 
 
@@ -82,36 +92,72 @@ def render_report(job: Job, study: optuna.Study, spec: JobSpec) -> str:
             first = False
 
     vis = optuna.visualization
-    add("Optimization history", _safe(vis.plot_optimization_history, study), "no complete trial yet")
-    add("Learning curves", learning_curves(top_trials(study, 5)) if best else None, "no complete trial yet")
-    add("Parameter importances", _safe(vis.plot_param_importances, study),
-        "needs at least two complete trials with varying parameters")
+    add(
+        "Optimization history", _safe(vis.plot_optimization_history, study), "no complete trial yet"
+    )
+    add(
+        "Learning curves",
+        learning_curves(top_trials(study, 5)) if best else None,
+        "no complete trial yet",
+    )
+    add(
+        "Parameter importances",
+        _safe(vis.plot_param_importances, study),
+        "needs at least two complete trials with varying parameters",
+    )
     add("Parallel coordinates", _safe(vis.plot_parallel_coordinate, study), "no complete trial yet")
-    states = go.Figure(go.Bar(
-        x=["complete", "pruned", "fail", "running", "waiting"],
-        y=[counts["complete"], counts["pruned"], counts["fail"], counts["running"], counts["waiting"]],
-        marker_color=["#2ca02c", "#ff7f0e", "#d62728", "#1f77b4", "#7f7f7f"],
-    ))
-    states.update_layout(height=300, title=f"Trials by state ({counts['diverged']} diverged, shown as pruned)")
+    states = go.Figure(
+        go.Bar(
+            x=["complete", "pruned", "fail", "running", "waiting"],
+            y=[
+                counts["complete"],
+                counts["pruned"],
+                counts["fail"],
+                counts["running"],
+                counts["waiting"],
+            ],
+            marker_color=["#2ca02c", "#ff7f0e", "#d62728", "#1f77b4", "#7f7f7f"],
+        )
+    )
+    states.update_layout(
+        height=300, title=f"Trials by state ({counts['diverged']} diverged, shown as pruned)"
+    )
     add("Trial states", states, "")
 
     cards = "".join(
         f"<div class='card'>{html.escape(k)}<b>{v}</b></div>"
-        for k, v in (("state", job.state), ("trials", f"{job.finished}/{job.n_trials}"),
-                     ("complete", counts["complete"]), ("pruned", counts["pruned"]),
-                     ("failed", counts["fail"]), ("diverged", counts["diverged"]))
+        for k, v in (
+            ("state", job.state),
+            ("trials", f"{job.finished}/{job.n_trials}"),
+            ("complete", counts["complete"]),
+            ("pruned", counts["pruned"]),
+            ("failed", counts["fail"]),
+            ("diverged", counts["diverged"]),
+        )
     )
     best_html = "<p class='note'>no complete trial yet</p>"
     if best is not None:
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in best.params.items())
+        rows = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>"
+            for k, v in best.params.items()
+        )
         ua = best.user_attrs
         extra = "".join(
             f"<tr><td>{k}</td><td>{html.escape(_fmt(ua.get(k)))}</td></tr>"
-            for k in ("best_val_accuracy", "best_val_loss", "test_accuracy", "best_epoch", "epochs_run", "n_parameters")
+            for k in (
+                "best_val_accuracy",
+                "best_val_loss",
+                "test_accuracy",
+                "best_epoch",
+                "epochs_run",
+                "n_parameters",
+            )
             if ua.get(k) is not None
         )
-        best_html = (f"<p>Trial #{best.number}: {html.escape(spec.objective)} = {best.value:.4f}</p>"
-                     f"<table><tr><th>parameter</th><th>value</th></tr>{rows}{extra}</table>")
+        best_html = (
+            f"<p>Trial #{best.number}: {html.escape(spec.objective)} = {best.value:.4f}</p>"
+            f"<table><tr><th>parameter</th><th>value</th></tr>{rows}{extra}</table>"
+        )
     spec_json = html.escape(json.dumps(spec.model_dump(mode="json"), indent=2))
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"

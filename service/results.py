@@ -37,7 +37,9 @@ def trial_row(t: FrozenTrial, *, with_history: bool = False) -> dict[str, Any]:
     }
     if with_history:
         row["history"] = ua.get("history", [])
-        row["intermediate_values"] = {str(k): _finite(v) for k, v in sorted(t.intermediate_values.items())}
+        row["intermediate_values"] = {
+            str(k): _finite(v) for k, v in sorted(t.intermediate_values.items())
+        }
         row["user_attrs"] = {k: v for k, v in ua.items() if k != "history"}
     return row
 
@@ -52,12 +54,18 @@ def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The best COMPLETE trial (diverged trials are PRUNED and never ranked), or None."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None
+    ]
     if not complete:
         return None
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     # ties break toward the earlier trial, like Optuna
-    return sorted(complete, key=lambda t: (-(t.value or 0.0) if maximize else (t.value or 0.0), t.number))[0]
+    return sorted(
+        complete, key=lambda t: (-(t.value or 0.0) if maximize else (t.value or 0.0), t.number)
+    )[0]
 
 
 def best_view(study: optuna.Study, *, fixed: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -81,7 +89,11 @@ def best_view(study: optuna.Study, *, fixed: dict[str, Any] | None = None) -> di
 
 
 def top_trials(study: optuna.Study, k: int = 10) -> list[FrozenTrial]:
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None
+    ]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     complete.sort(key=lambda t: (-(t.value or 0.0) if maximize else (t.value or 0.0), t.number))
     return complete[:k]

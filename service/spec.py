@@ -28,9 +28,13 @@ _STRICT = ConfigDict(extra="forbid")
 class ModelSpec(BaseModel):
     model_config = _STRICT
 
-    hidden_layers: list[int] = Field(default=[128], min_length=1, description="Hidden layer widths.")
+    hidden_layers: list[int] = Field(
+        default=[128], min_length=1, description="Hidden layer widths."
+    )
     activation: Literal[ACTIVATIONS] = "relu"  # type: ignore[valid-type]
-    batch_norm: bool = Field(default=False, description="BatchNorm1d before each hidden activation.")
+    batch_norm: bool = Field(
+        default=False, description="BatchNorm1d before each hidden activation."
+    )
 
     @field_validator("hidden_layers")
     @classmethod
@@ -45,25 +49,39 @@ class SamplerSpec(BaseModel):
 
     type: Literal["random", "grid", "tpe"] = "random"
     seed: int | None = Field(default=0, description="Sampler seed; null for a fresh seed.")
-    n_startup_trials: int = Field(default=10, ge=0, description="TPE: random trials before modelling.")
+    n_startup_trials: int = Field(
+        default=10, ge=0, description="TPE: random trials before modelling."
+    )
 
 
 class PrunerSpec(BaseModel):
     model_config = _STRICT
 
     type: Literal["none", "median", "percentile", "successive_halving", "hyperband"] = "median"
-    n_startup_trials: int = Field(default=5, ge=0, description="median/percentile: trials before pruning.")
-    n_warmup_steps: int = Field(default=2, ge=0, description="median/percentile: epochs before pruning.")
-    percentile: float = Field(default=25.0, gt=0, lt=100, description="percentile pruner's percentile.")
-    min_resource: int = Field(default=1, ge=1, description="successive_halving/hyperband: min epochs.")
+    n_startup_trials: int = Field(
+        default=5, ge=0, description="median/percentile: trials before pruning."
+    )
+    n_warmup_steps: int = Field(
+        default=2, ge=0, description="median/percentile: epochs before pruning."
+    )
+    percentile: float = Field(
+        default=25.0, gt=0, lt=100, description="percentile pruner's percentile."
+    )
+    min_resource: int = Field(
+        default=1, ge=1, description="successive_halving/hyperband: min epochs."
+    )
     reduction_factor: int = Field(default=3, ge=2, description="successive_halving/hyperband.")
 
 
 class EarlyStoppingSpec(BaseModel):
     model_config = _STRICT
 
-    patience: int = Field(default=defaults.PATIENCE, ge=1, description="Epochs without improvement.")
-    min_delta: float = Field(default=0.0, ge=0, description="Smallest change that counts as improvement.")
+    patience: int = Field(
+        default=defaults.PATIENCE, ge=1, description="Epochs without improvement."
+    )
+    min_delta: float = Field(
+        default=0.0, ge=0, description="Smallest change that counts as improvement."
+    )
 
 
 class TrainingSpec(BaseModel):
@@ -79,6 +97,18 @@ class TrainingSpec(BaseModel):
     split_seed: int = Field(default=defaults.SPLIT_SEED, description="Seed of the fixed split.")
     seed: int = Field(default=0, description="Base seed; each trial's seed derives from it.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    train_subset: int | None = Field(
+        default=None,
+        ge=2,
+        description="Keep only this many training samples (seeded, stratified), e.g. the lectures' "
+        "overfitting set-up with 300; validation and test splits are unchanged.",
+    )
+    target_accuracy: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Record per trial the first epoch whose validation accuracy reaches this value.",
+    )
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> TrainingSpec:
@@ -103,7 +133,9 @@ class JobSpec(BaseModel):
         default="default", description="A preset name from search_spaces/ or an inline space."
     )
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
-    n_trials: int | None = Field(default=None, ge=1, description="Trial budget; grid: the grid size.")
+    n_trials: int | None = Field(
+        default=None, ge=1, description="Trial budget; grid: the grid size."
+    )
     objective: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
@@ -136,7 +168,11 @@ class JobSpec(BaseModel):
 
     # Derived -----------------------------------------------------------------------------------
     def resolved_space(self) -> SearchSpace:
-        return load_preset(self.search_space) if isinstance(self.search_space, str) else self.search_space
+        return (
+            load_preset(self.search_space)
+            if isinstance(self.search_space, str)
+            else self.search_space
+        )
 
     def budget(self) -> int:
         """The number of trials that finish the job (COMPLETE + PRUNED)."""
@@ -156,8 +192,13 @@ class JobSpec(BaseModel):
 # Parsing with clear errors ----------------------------------------------------------------------
 
 
-def format_validation_error(err: ValidationError, *, prefix: str = "", lines: dict[str, int] | None = None,
-                            source: str | None = None) -> SpecError:
+def format_validation_error(
+    err: ValidationError,
+    *,
+    prefix: str = "",
+    lines: dict[str, int] | None = None,
+    source: str | None = None,
+) -> SpecError:
     """One SpecError listing every problem as ``field: message`` (with file:line when known)."""
     problems: list[dict[str, str]] = []
     for e in err.errors():
@@ -172,21 +213,43 @@ def format_validation_error(err: ValidationError, *, prefix: str = "", lines: di
             item["location"] = f"{source}:{line}" if line else source
         problems.append(item)
     text = "; ".join(
-        (f"{p['location']}: " if "location" in p else "") + f"{p['field']}: {p['message']}" for p in problems
+        (f"{p['location']}: " if "location" in p else "") + f"{p['field']}: {p['message']}"
+        for p in problems
     )
     return SpecError(text, field=problems[0]["field"] if problems else None, errors=problems)
 
 
-_UNION_TAGS = {"float", "int", "categorical", "fixed", "str", "SearchSpace", "function-after[_check(), FloatParam]"}
+_UNION_TAGS = {
+    "float",
+    "int",
+    "categorical",
+    "fixed",
+    "str",
+    "SearchSpace",
+    "function-after[_check(), FloatParam]",
+}
 
 
 def _is_union_tag(p: Any) -> bool:
     # pydantic inserts the chosen union member into the location; drop it from user-facing paths
     if not isinstance(p, str):
         return False
-    return p in _UNION_TAGS or p.startswith(("function-", "tagged-union[")) or p in {
-        "digits", "mnist", "fashion_mnist", "synthetic", "csv", "npz", "upload",
-    } or p.endswith("Param") or p == "EarlyStoppingSpec"
+    return (
+        p in _UNION_TAGS
+        or p.startswith(("function-", "tagged-union["))
+        or p
+        in {
+            "digits",
+            "mnist",
+            "fashion_mnist",
+            "synthetic",
+            "csv",
+            "npz",
+            "upload",
+        }
+        or p.endswith("Param")
+        or p == "EarlyStoppingSpec"
+    )
 
 
 def _line_for(lines: dict[str, int], parts: list[str]) -> int | None:
@@ -234,7 +297,9 @@ def parse_spec_text(text: str, *, source: str = "<spec>") -> JobSpec:
     except yaml.YAMLError as e:
         raise SpecError(f"{source}: not valid YAML/JSON: {e}") from None
     if not isinstance(data, dict):
-        raise SpecError(f"{source}: a job spec must be a mapping of fields, got {type(data).__name__}")
+        raise SpecError(
+            f"{source}: a job spec must be a mapping of fields, got {type(data).__name__}"
+        )
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:

@@ -72,7 +72,9 @@ def make_sampler(spec: JobSpec) -> optuna.samplers.BaseSampler:
 def make_pruner(spec: JobSpec) -> optuna.pruners.BasePruner:
     p = spec.pruner
     if p.type == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
     if p.type == "percentile":
         return optuna.pruners.PercentilePruner(
             p.percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
@@ -83,13 +85,20 @@ def make_pruner(spec: JobSpec) -> optuna.pruners.BasePruner:
         )
     if p.type == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=p.min_resource, max_resource=spec.training.max_epochs, reduction_factor=p.reduction_factor
+            min_resource=p.min_resource,
+            max_resource=spec.training.max_epochs,
+            reduction_factor=p.reduction_factor,
         )
     return optuna.pruners.NopPruner()
 
 
 def create_job_study(
-    storage: optuna.storages.BaseStorage, study_name: str, spec: JobSpec, *, job_id: str, max_grid_size: int
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    spec: JobSpec,
+    *,
+    job_id: str,
+    max_grid_size: int,
 ) -> optuna.Study:
     """Create (or load) the job's study; a grid job gets every grid point enqueued exactly once."""
     study = optuna.create_study(
@@ -101,7 +110,8 @@ def create_job_study(
     if SPEC_ATTR not in study.user_attrs:
         study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
         study.set_user_attr(JOB_ID_ATTR, job_id)
-    if spec.sampler.type == "grid" and not study.system_attrs.get(GRID_ENQUEUED_ATTR):
+    system_attrs = storage.get_study_system_attrs(study._study_id)
+    if spec.sampler.type == "grid" and not system_attrs.get(GRID_ENQUEUED_ATTR):
         enqueue_grid(study, spec, max_grid_size=max_grid_size)
     return study
 
@@ -126,7 +136,9 @@ def enqueue_grid(study: optuna.Study, spec: JobSpec, *, max_grid_size: int) -> i
     return len(trials)
 
 
-def load_job_study(storage: optuna.storages.BaseStorage, study_name: str, spec: JobSpec) -> optuna.Study:
+def load_job_study(
+    storage: optuna.storages.BaseStorage, study_name: str, spec: JobSpec
+) -> optuna.Study:
     return optuna.load_study(
         study_name=study_name, storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec)
     )

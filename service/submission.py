@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from itertools import pairwise
 from typing import Any
 
 import optuna
@@ -25,7 +27,7 @@ def estimate_parameters(spec: JobSpec, n_features: int, n_classes: int) -> int:
         w = _max_of(space.get("hidden_width"), max(spec.model.hidden_layers))
         depth = _max_of(space.get("n_hidden_layers"), len(spec.model.hidden_layers))
         widths = [n_features, *([w] * depth), n_classes]
-    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=False))
+    return sum(a * b + b for a, b in pairwise(widths))
 
 
 def _max_of(param: Any, default: int) -> int:
@@ -55,7 +57,9 @@ def check_limits(spec: JobSpec, settings: Settings, shape: tuple[int, int] | Non
             raise LimitExceededError(str(e), field="search_space") from None
     budget = spec.budget()
     if budget > settings.max_n_trials:
-        raise LimitExceededError(f"{budget} trials exceed the limit of {settings.max_n_trials}", field="n_trials")
+        raise LimitExceededError(
+            f"{budget} trials exceed the limit of {settings.max_n_trials}", field="n_trials"
+        )
     if spec.training.max_epochs > settings.max_epochs:
         raise LimitExceededError(
             f"{spec.training.max_epochs} epochs exceed the limit of {settings.max_epochs}",
@@ -95,7 +99,9 @@ def submit(
 ) -> tuple[Job, bool]:
     """Create the job row and its study. Returns (job, created)."""
     check_limits(spec, settings, shape)
-    replay = idempotency_key is not None and jobs.by_idempotency_key(owner, idempotency_key) is not None
+    replay = (
+        idempotency_key is not None and jobs.by_idempotency_key(owner, idempotency_key) is not None
+    )
     if enforce_active_limit and not replay:
         active = jobs.count_active(owner)
         if active >= settings.max_active_jobs_per_owner:
@@ -107,11 +113,15 @@ def submit(
     job, created = jobs.create(spec, owner=owner, idempotency_key=idempotency_key)
     if created:
         try:
-            create_job_study(storage, job.study_name, spec, job_id=job.id, max_grid_size=settings.max_grid_size)
-        except GridError as e:  # already checked above; kept for a clear message in any case
+            create_job_study(
+                storage, job.study_name, spec, job_id=job.id, max_grid_size=settings.max_grid_size
+            )
+        except Exception as e:
+            # Never leave a job without its study, nor a half-made study behind.
             jobs.delete(job.id)
-            raise SpecError(str(e), field="search_space") from None
-        except Exception:
-            jobs.delete(job.id)  # never leave a job without its study
+            with contextlib.suppress(KeyError):
+                optuna.delete_study(study_name=job.study_name, storage=storage)
+            if isinstance(e, GridError):  # already checked above; kept for a clear message
+                raise SpecError(str(e), field="search_space") from None
             raise
     return job, created

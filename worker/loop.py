@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from types import FrameType
 from typing import Protocol
 
@@ -18,6 +19,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import ValidationError
 
 from service.config import Settings
 from service.db import Job, JobStore, create_schema, make_engine
@@ -25,14 +27,13 @@ from service.errors import HPOError
 from service.states import JobState
 from service.studies import JOB_ID_ATTR, make_storage
 from worker.runtime import RuntimeCache
-from worker.trial_runner import Outcome, TrialOutcome, run_trial
 from worker.training import EpochMetrics
+from worker.trial_runner import Outcome, TrialOutcome, run_trial
 
 log = logging.getLogger(__name__)
 
 
 class WorkerListener(Protocol):
-    def trial_started(self, job: Job, number: int) -> None: ...
     def epoch_done(self, job: Job, number: int, metrics: EpochMetrics) -> None: ...
     def trial_done(self, job: Job, outcome: TrialOutcome) -> None: ...
 
@@ -55,7 +56,9 @@ class Worker:
         self.jobs = JobStore(self.engine)
         self.storage = make_storage(url, self.settings, heartbeat=True, on_stale=self._on_stale)
         self.artifacts = FileSystemArtifactStore(str(self._artifact_dir()))
-        self.cache = RuntimeCache(self.settings, self.storage, allow_local_paths=self.allow_local_paths)
+        self.cache = RuntimeCache(
+            self.settings, self.storage, allow_local_paths=self.allow_local_paths
+        )
         self._last_reap = 0.0
 
     def _artifact_dir(self) -> str:
@@ -84,7 +87,9 @@ class Worker:
                 break
             self.reap()
             if self.job_id is not None and JobState(self.jobs.get(self.job_id).state) in {
-                JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED,
+                JobState.SUCCEEDED,
+                JobState.FAILED,
+                JobState.CANCELLED,
             }:
                 break
             if self._run_one():
@@ -110,22 +115,17 @@ class Worker:
                 self.jobs.try_transition(job.id, JobState.RUNNING)
             try:
                 rt = self.cache.get(job)
-            except HPOError as e:  # dataset or spec cannot be loaded: no trial can ever run
+            except (HPOError, ValidationError, ValueError, OSError) as e:
+                # The dataset or spec cannot be loaded (bad data, or a spec from a newer API
+                # version): no trial of this job can ever run here, so the job fails with why.
                 self.jobs.release_slot(job.id)
                 self.jobs.try_transition(job.id, JobState.FAILED, error=f"cannot start: {e}")
                 log.error("job %s failed to start: %s", job.id, e)
                 return True
-            number_holder: dict[str, int] = {}
-
-            def on_epoch(number: int, m: EpochMetrics, job: Job = job) -> None:
-                if "n" not in number_holder:
-                    number_holder["n"] = number
-                    if self.listener:
-                        self.listener.trial_started(job, number)
-                if self.listener:
-                    self.listener.epoch_done(job, number, m)
-
-            outcome = run_trial(rt, self.jobs, self.artifacts, should_stop=self._stop.is_set, on_epoch=on_epoch)
+            on_epoch = partial(self.listener.epoch_done, job) if self.listener else None
+            outcome = run_trial(
+                rt, self.jobs, self.artifacts, should_stop=self._stop.is_set, on_epoch=on_epoch
+            )
             self.trials_run += 1
             self._after_trial(job, outcome)
             return True
@@ -179,4 +179,8 @@ class Worker:
         job_id = study.user_attrs.get(JOB_ID_ATTR)
         if job_id:
             self.jobs.release_slot(job_id)
-            log.warning("trial %s of job %s went stale; re-queued with the same parameters", trial.number, job_id)
+            log.warning(
+                "trial %s of job %s went stale; re-queued with the same parameters",
+                trial.number,
+                job_id,
+            )

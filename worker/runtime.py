@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 
@@ -49,12 +50,14 @@ class RuntimeCache:
 
     def _load(self, job: Job) -> JobRuntime:
         spec = JobSpec.model_validate(json.loads(job.spec_json))
-        device_name = spec.training.device if spec.training.device != "auto" else self.settings.device
+        device_name = (
+            spec.training.device if spec.training.device != "auto" else self.settings.device
+        )
         device = resolve_device(device_name)
         ds = load_dataset(
             spec.dataset,
             data_dir=self.settings.resolved_data_dir,
-            upload_dir=self.settings.resolved_upload_dir,
+            upload_dir=self.settings.upload_dir_for(job.owner),
             allow_local_paths=self.allow_local_paths,
         )
         sp = make_splits(
@@ -63,9 +66,33 @@ class RuntimeCache:
             test_split=spec.training.test_split,
             seed=spec.training.split_seed,
         )
-        data = to_tensors(sp.X_train, sp.y_train, sp.X_val, sp.y_val, sp.X_test, sp.y_test, device)
+        X_train, y_train = sp.X_train, sp.y_train
+        if spec.training.train_subset is not None and spec.training.train_subset < len(y_train):
+            X_train, y_train = subsample(
+                X_train, y_train, spec.training.train_subset, seed=spec.training.split_seed
+            )
+        data = to_tensors(
+            X_train,
+            y_train,
+            sp.X_val,
+            sp.y_val,
+            sp.X_test,
+            sp.y_test,
+            device,
+            n_classes=sp.n_classes,
+        )
         study = load_job_study(self.storage, job.study_name, spec)
         return JobRuntime(job.id, spec, study, data, device, sp.n_features, sp.n_classes)
+
+
+def subsample(X: np.ndarray, y: np.ndarray, n: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded, stratified subset of n training rows (every class kept when n allows)."""
+    from sklearn.model_selection import train_test_split
+
+    n_classes = len(np.unique(y))
+    stratify = y if n >= n_classes else None
+    X_sub, _, y_sub, _ = train_test_split(X, y, train_size=n, random_state=seed, stratify=stratify)
+    return np.ascontiguousarray(X_sub), np.ascontiguousarray(y_sub)
 
 
 def describe(rt: JobRuntime) -> dict[str, Any]:

@@ -45,7 +45,9 @@ def resolve_config(spec: JobSpec, params: dict[str, Any], *, seed: int) -> Trial
         "batch_size": spec.training.batch_size,
         "max_epochs": spec.training.max_epochs,
         "patience": spec.training.early_stopping.patience if spec.training.early_stopping else None,
-        "min_delta": spec.training.early_stopping.min_delta if spec.training.early_stopping else 0.0,
+        "min_delta": spec.training.early_stopping.min_delta
+        if spec.training.early_stopping
+        else 0.0,
         "objective": spec.objective,
         "seed": seed,
     }

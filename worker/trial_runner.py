@@ -25,8 +25,15 @@ from search_spaces.sampling import suggest
 from service.db import JobStore
 from service.states import JobState
 from worker.runtime import JobRuntime
+from worker.training import (
+    EpochMetrics,
+    TrialResult,
+    architecture_dict,
+    evaluate,
+    save_model,
+    train_trial,
+)
 from worker.trial_config import resolve_config, trial_seed
-from worker.training import EpochMetrics, TrialResult, architecture_dict, evaluate, save_model, train_trial
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +143,9 @@ def _run_asked(
     except optuna.exceptions.UpdateFinishedTrialError:
         # Our heartbeat went stale (e.g. SIGSTOP) and the trial was failed and retried elsewhere:
         # the late report is dropped so the trial is not counted twice.
-        log.warning("trial %s of job %s was finished elsewhere; late result dropped", number, rt.job_id)
+        log.warning(
+            "trial %s of job %s was finished elsewhere; late result dropped", number, rt.job_id
+        )
         return TrialOutcome(Outcome.LOST, number, reason="finished elsewhere (stale heartbeat)")
 
 
@@ -148,20 +157,30 @@ def _finish(
     result: TrialResult,
 ) -> TrialOutcome:
     study = rt.study
-    _record_attrs(trial, result)
+    _record_attrs(trial, result, target=rt.spec.training.target_accuracy)
     if result.diverged:
         # Diverged: stopped at once, recorded as PRUNED with the reason; only COMPLETE trials are
         # ranked, so it can never be the best trial, and it uses its budget slot like any result.
         trial.set_user_attr("diverged", True)
         trial.set_user_attr("diverged_reason", result.diverged_reason)
-        return _tell(rt, jobs, trial, TrialState.PRUNED, Outcome.DIVERGED, reason=result.diverged_reason)
+        return _tell(
+            rt, jobs, trial, TrialState.PRUNED, Outcome.DIVERGED, reason=result.diverged_reason
+        )
     value = result.best_value
     if _is_new_best(study, value):
         _save_best(rt, trial, result, artifact_store)
     return _tell(rt, jobs, trial, value, Outcome.COMPLETE, value=value)
 
 
-def _record_attrs(trial: optuna.Trial, result: TrialResult) -> None:
+def _record_attrs(trial: optuna.Trial, result: TrialResult, *, target: float | None = None) -> None:
+    best = next((h for h in result.history if h["epoch"] == result.best_epoch), None)
+    if best is not None:
+        # The lectures' overfitting measure: train minus validation accuracy at the kept epoch.
+        trial.set_user_attr("train_val_gap", best["train_accuracy"] - best["val_accuracy"])
+        trial.set_user_attr("best_train_accuracy", best["train_accuracy"])
+    if target is not None:
+        reached = next((h["epoch"] for h in result.history if h["val_accuracy"] >= target), None)
+        trial.set_user_attr("epochs_to_target", reached)
     trial.set_user_attr("history", result.history)
     trial.set_user_attr("epochs_run", result.epochs_run)
     trial.set_user_attr("best_epoch", result.best_epoch)
@@ -181,7 +200,9 @@ def _is_new_best(study: optuna.Study, value: float) -> bool:
     return value > best if study.direction == optuna.study.StudyDirection.MAXIMIZE else value < best
 
 
-def _save_best(rt: JobRuntime, trial: optuna.Trial, result: TrialResult, store: FileSystemArtifactStore) -> None:
+def _save_best(
+    rt: JobRuntime, trial: optuna.Trial, result: TrialResult, store: FileSystemArtifactStore
+) -> None:
     """A new best: touch the test split (only for best trials) and keep its weights."""
     if rt.data.X_test.shape[0] > 0:
         test_loss, test_acc = evaluate(result.model, rt.data.X_test, rt.data.y_test)
@@ -193,7 +214,9 @@ def _save_best(rt: JobRuntime, trial: optuna.Trial, result: TrialResult, store: 
         path = Path(tmp) / f"trial-{trial.number}.safetensors"
         save_model(result.model, arch, path)
         artifact_id = upload_artifact(
-            artifact_store=store, file_path=str(path), study_or_trial=trial,
+            artifact_store=store,
+            file_path=str(path),
+            study_or_trial=trial,
             mimetype="application/octet-stream",
         )
     trial.set_user_attr(MODEL_ARTIFACT_ATTR, artifact_id)
@@ -202,7 +225,11 @@ def _save_best(rt: JobRuntime, trial: optuna.Trial, result: TrialResult, store: 
 def _fixed_params(rt: JobRuntime) -> dict[str, Any]:
     from search_spaces import FixedParam
 
-    return {n: p.value for n, p in rt.spec.resolved_space().parameters.items() if isinstance(p, FixedParam)}
+    return {
+        n: p.value
+        for n, p in rt.spec.resolved_space().parameters.items()
+        if isinstance(p, FixedParam)
+    }
 
 
 def _tell(
@@ -225,7 +252,9 @@ def _tell(
     return TrialOutcome(outcome, trial.number, value=value, reason=reason)
 
 
-def _fail(rt: JobRuntime, jobs: JobStore, trial: optuna.Trial, *, reason: str, counts_as_failure: bool) -> None:
+def _fail(
+    rt: JobRuntime, jobs: JobStore, trial: optuna.Trial, *, reason: str, counts_as_failure: bool
+) -> None:
     try:
         trial.set_user_attr("fail_reason", reason)
         rt.study.tell(trial, state=TrialState.FAIL)
@@ -248,4 +277,3 @@ def _requeue(study: optuna.Study, trial: optuna.Trial, *, reason: str) -> None:
             system_attrs=system_attrs,
         )
     )
-

@@ -37,7 +37,9 @@ class _DatabaseCollector(Collector):
         for st in JobState:
             g.add_metric([st.value], counts.get(st.value, 0))
         yield g
-        c_ = CounterMetricFamily("hpo_trials_finished", "Finished trials by state", labels=["state"])
+        c_ = CounterMetricFamily(
+            "hpo_trials_finished", "Finished trials by state", labels=["state"]
+        )
         by_state: dict[str, int] = {}
         durations = []
         for state, start, end in rows:

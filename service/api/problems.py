@@ -18,10 +18,20 @@ PROBLEM = "application/problem+json"
 
 
 def problem(
-    status: int, title: str, detail: str, *, instance: str | None = None, headers: dict[str, str] | None = None,
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
     if instance:
         body["instance"] = instance
     body.update({k: v for k, v in extra.items() if v is not None})
@@ -31,20 +41,29 @@ def problem(
 def _loc_to_field(loc: tuple[Any, ...] | list[Any]) -> str:
     from service.spec import _is_union_tag
 
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header") and not _is_union_tag(p)]
+    parts = [
+        str(p) for p in loc if p not in ("body", "query", "path", "header") and not _is_union_tag(p)
+    ]
     return ".".join(parts) or "body"
 
 
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(HPOError)
     async def _hpo(request: Request, exc: HPOError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyJobsError) else None
+        headers = (
+            {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyJobsError) else None
+        )
         if exc.status_code == 401:
             headers = {"WWW-Authenticate": "Bearer"}
         errors = exc.errors if isinstance(exc, SpecError) else None
         return problem(
-            exc.status_code, exc.title, str(exc), instance=request.url.path, headers=headers,
-            field=exc.field, errors=errors,
+            exc.status_code,
+            exc.title,
+            str(exc),
+            instance=request.url.path,
+            headers=headers,
+            field=exc.field,
+            errors=errors,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -57,14 +76,21 @@ def install_problem_handlers(app: FastAPI) -> None:
             errors.append({"field": _loc_to_field(e.get("loc", ())), "message": msg})
         detail = "; ".join(f"{x['field']}: {x['message']}" for x in errors) or "invalid request"
         return problem(
-            422, "Invalid request", detail, instance=request.url.path,
-            field=errors[0]["field"] if errors else None, errors=errors,
+            422,
+            "Invalid request",
+            detail,
+            instance=request.url.path,
+            field=errors[0]["field"] if errors else None,
+            errors=errors,
         )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return problem(
-            exc.status_code, _title(exc.status_code), str(exc.detail), instance=request.url.path,
+            exc.status_code,
+            _title(exc.status_code),
+            str(exc.detail),
+            instance=request.url.path,
             headers=dict(exc.headers) if exc.headers else None,
         )
 
@@ -72,23 +98,37 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _db_down(request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc.orig)
         return problem(
-            503, "Database unavailable", "the database cannot be reached right now; retry shortly",
-            instance=request.url.path, headers={"Retry-After": "5"},
+            503,
+            "Database unavailable",
+            "the database cannot be reached right now; retry shortly",
+            instance=request.url.path,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(DBAPIError)
     async def _db_error(request: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated:
-            return problem(503, "Database unavailable", "the database connection was lost; retry shortly",
-                           instance=request.url.path, headers={"Retry-After": "5"})
+            return problem(
+                503,
+                "Database unavailable",
+                "the database connection was lost; retry shortly",
+                instance=request.url.path,
+                headers={"Retry-After": "5"},
+            )
         log.exception("database error")
-        return problem(500, "Internal error", "a database error occurred", instance=request.url.path)
+        return problem(
+            500, "Internal error", "a database error occurred", instance=request.url.path
+        )
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return problem(500, "Internal error", "an unexpected error occurred; it has been logged",
-                       instance=request.url.path)
+        return problem(
+            500,
+            "Internal error",
+            "an unexpected error occurred; it has been logged",
+            instance=request.url.path,
+        )
 
 
 def _title(status: int) -> str:

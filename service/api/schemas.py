@@ -110,7 +110,8 @@ class ValidateResult(BaseModel):
     n_trials: int
     estimated_parameters: int | None = None
     estimated_seconds: float | None = Field(
-        default=None, description="Rough: trials x epochs x rows x parameters at a measured CPU rate."
+        default=None,
+        description="Rough: trials x epochs x rows x parameters at a measured CPU rate.",
     )
 
 

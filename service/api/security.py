@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import re
 
 from service.config import Settings
 from service.errors import AuthError, HPOError
@@ -42,14 +41,11 @@ def owner_for(authorization: str | None, settings: Settings) -> str:
     if not owners:
         return LOCAL_OWNER
     if not authorization or not authorization.lower().startswith("bearer "):
-        raise AuthError("missing bearer token (Authorization: Bearer <token>)", field="Authorization")
+        raise AuthError(
+            "missing bearer token (Authorization: Bearer <token>)", field="Authorization"
+        )
     presented = authorization[7:].strip()
     for token, owner in owners.items():  # constant-time compare against each configured token
         if hmac.compare_digest(token.encode(), presented.encode()):
             return owner
     raise AuthError("invalid bearer token", field="Authorization")
-
-
-def owner_slug(owner: str) -> str:
-    """A file-system-safe folder name for an owner's uploads."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", owner)[:100] or "_"

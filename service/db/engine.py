@@ -19,7 +19,9 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     """Keyword arguments for create_engine, shared with Optuna's RDBStorage."""
     if is_sqlite(url):
         # The driver's busy timeout makes a writer wait for the lock instead of failing.
-        return {"connect_args": {"timeout": defaults.SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}}
+        return {
+            "connect_args": {"timeout": defaults.SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+        }
     # pre-ping: a worker survives a database restart by reconnecting on the next checkout.
     return {"pool_pre_ping": True, "pool_recycle": 300}
 

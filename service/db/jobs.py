@@ -15,7 +15,13 @@ from sqlalchemy.orm import Session
 from service.db.models import Job, utcnow
 from service.errors import ConflictError, InvalidTransitionError, NotFoundError
 from service.spec import JobSpec, spec_to_json
-from service.states import ACTIVE_STATES, RUNNABLE_STATES, TERMINAL_STATES, JobState, check_transition
+from service.states import (
+    ACTIVE_STATES,
+    RUNNABLE_STATES,
+    TERMINAL_STATES,
+    JobState,
+    check_transition,
+)
 
 
 def spec_hash(spec: JobSpec) -> str:
@@ -109,7 +115,7 @@ class JobStore:
                 q = q.where(Job.owner == owner)
             return list(s.scalars(q.order_by(Job.created_at.desc())))
 
-    def list(
+    def list_jobs(
         self,
         *,
         owner: str | None = None,
@@ -134,7 +140,9 @@ class JobStore:
         with Session(self.engine, expire_on_commit=False) as s:
             q = (
                 select(Job)
-                .where(Job.state.in_([st.value for st in RUNNABLE_STATES]), Job.reserved < Job.n_trials)
+                .where(
+                    Job.state.in_([st.value for st in RUNNABLE_STATES]), Job.reserved < Job.n_trials
+                )
                 .order_by(Job.created_at, Job.id)
                 .limit(limit)
             )
@@ -142,12 +150,16 @@ class JobStore:
 
     def in_state(self, state: JobState) -> list[Job]:
         with Session(self.engine, expire_on_commit=False) as s:
-            return list(s.scalars(select(Job).where(Job.state == state.value).order_by(Job.created_at)))
+            return list(
+                s.scalars(select(Job).where(Job.state == state.value).order_by(Job.created_at))
+            )
 
     def count_active(self, owner: str) -> int:
         with Session(self.engine) as s:
-            q = select(func.count()).select_from(Job).where(
-                Job.owner == owner, Job.state.in_([st.value for st in ACTIVE_STATES])
+            q = (
+                select(func.count())
+                .select_from(Job)
+                .where(Job.owner == owner, Job.state.in_([st.value for st in ACTIVE_STATES]))
             )
             return int(s.scalar(q) or 0)
 
@@ -215,7 +227,9 @@ class JobStore:
         """Count one COMPLETE/PRUNED trial; returns the updated job."""
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
             s.execute(
-                update(Job).where(Job.id == job_id).values(finished=Job.finished + 1, updated_at=utcnow())
+                update(Job)
+                .where(Job.id == job_id)
+                .values(finished=Job.finished + 1, updated_at=utcnow())
             )
             job = s.get(Job, job_id)
             assert job is not None

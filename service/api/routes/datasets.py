@@ -7,7 +7,6 @@ from typing import Any
 from fastapi import APIRouter, Request, UploadFile, status
 
 from service.api.deps import OwnerDep, SettingsDep
-from service.api.security import owner_slug
 from service.errors import DatasetError, PayloadTooLargeError
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -19,13 +18,17 @@ _CHUNK = 1 << 20
 def list_datasets(settings: SettingsDep, owner: OwnerDep) -> dict[str, Any]:
     from service.datasets import BUILTIN_DATASETS, list_uploads
 
-    uploads = list_uploads(settings.resolved_upload_dir / owner_slug(owner))
+    uploads = list_uploads(settings.upload_dir_for(owner))
     return {"builtin": BUILTIN_DATASETS, "uploads": [u.model_dump(mode="json") for u in uploads]}
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def upload_dataset(
-    request: Request, file: UploadFile, settings: SettingsDep, owner: OwnerDep, label_column: str = "label"
+    request: Request,
+    file: UploadFile,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    label_column: str = "label",
 ) -> dict[str, Any]:
     """Upload a CSV (numeric features + a label column) or an NPZ (arrays X, y). The size cap is
     measured against the bytes actually received, not the Content-Length header."""
@@ -38,7 +41,8 @@ async def upload_dataset(
         received += len(chunk)
         if received > limit:
             raise PayloadTooLargeError(
-                f"upload exceeds the limit of {limit:,} bytes (received more than {limit:,})", field="file"
+                f"upload exceeds the limit of {limit:,} bytes (received more than {limit:,})",
+                field="file",
             )
         chunks.append(chunk)
     if received == 0:
@@ -46,7 +50,7 @@ async def upload_dataset(
     info = store_upload(
         b"".join(chunks),
         file.filename or "upload",
-        settings.resolved_upload_dir / owner_slug(owner),
+        settings.upload_dir_for(owner),
         max_rows=settings.max_dataset_rows,
         max_features=settings.max_dataset_features,
         label_column=label_column,
@@ -61,4 +65,4 @@ def get_dataset(dataset_id: str, settings: SettingsDep, owner: OwnerDep) -> dict
     for b in BUILTIN_DATASETS:
         if b["name"] == dataset_id:
             return {"builtin": True, **b}
-    return get_upload_info(dataset_id, settings.resolved_upload_dir / owner_slug(owner)).model_dump(mode="json")
+    return get_upload_info(dataset_id, settings.upload_dir_for(owner)).model_dump(mode="json")

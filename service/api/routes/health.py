@@ -25,8 +25,10 @@ def readyz(request: Request) -> Response:
         with request.app.state.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as e:
-        return JSONResponse({"status": "unavailable", "detail": f"database unreachable: {type(e).__name__}"},
-                            status_code=503)
+        return JSONResponse(
+            {"status": "unavailable", "detail": f"database unreachable: {type(e).__name__}"},
+            status_code=503,
+        )
     return JSONResponse({"status": "ok"})
 
 
@@ -35,4 +37,6 @@ def metrics(request: Request, _owner: OwnerDep) -> Response:
     """Prometheus text: jobs by state, trials finished, trial durations, request latency."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )

@@ -29,7 +29,7 @@ from service.api.schemas import (
     ValidateResult,
 )
 from service.db import Job
-from service.errors import ConflictError, NotFoundError, SpecError
+from service.errors import ConflictError, DatasetError, NotFoundError, SpecError
 from service.results import MODEL_ARTIFACT_ATTR, best_trial, best_view, state_counts, trial_row
 from service.spec import JobSpec
 from service.states import JobState
@@ -44,16 +44,28 @@ _SECONDS_PER_SAMPLE_PARAM_EPOCH = 6e-9
 def _links(job_id: str) -> Links:
     base = f"/jobs/{job_id}"
     return Links(
-        self=base, trials=f"{base}/trials", best=f"{base}/best", model=f"{base}/best/model",
-        report=f"{base}/report", cancel=f"{base}/cancel",
+        self=base,
+        trials=f"{base}/trials",
+        best=f"{base}/best",
+        model=f"{base}/best/model",
+        report=f"{base}/report",
+        cancel=f"{base}/cancel",
     )
 
 
 def _public(job: Job) -> JobPublic:
     return JobPublic(
-        id=job.id, name=job.name, owner=job.owner, state=job.state, study_name=job.study_name,
-        n_trials=job.n_trials, finished_trials=job.finished, error=job.error,
-        created_at=_aware(job.created_at), started_at=_aware(job.started_at), finished_at=_aware(job.finished_at),
+        id=job.id,
+        name=job.name,
+        owner=job.owner,
+        state=job.state,
+        study_name=job.study_name,
+        n_trials=job.n_trials,
+        finished_trials=job.finished,
+        error=job.error,
+        created_at=_aware(job.created_at),
+        started_at=_aware(job.started_at),
+        finished_at=_aware(job.finished_at),
         links=_links(job.id),
     )
 
@@ -76,7 +88,9 @@ def _study(job: Job, storage: optuna.storages.BaseStorage) -> optuna.Study:
 
 
 def _fixed(spec: JobSpec) -> dict[str, Any]:
-    return {n: p.value for n, p in spec.resolved_space().parameters.items() if isinstance(p, FixedParam)}
+    return {
+        n: p.value for n, p in spec.resolved_space().parameters.items() if isinstance(p, FixedParam)
+    }
 
 
 def _encode_cursor(payload: list[Any]) -> str:
@@ -90,7 +104,9 @@ def _decode_cursor(cursor: str) -> list[Any]:
             raise ValueError
         return value
     except Exception:
-        raise SpecError("malformed cursor; pass the next_cursor of a previous page", field="cursor") from None
+        raise SpecError(
+            "malformed cursor; pass the next_cursor of a previous page", field="cursor"
+        ) from None
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
@@ -106,7 +122,12 @@ def create_job(
     """Submit a job. The same Idempotency-Key with the same body returns the same job (200)."""
     _check_dataset_reference(spec, settings, owner)
     job, created = submit(
-        spec, settings=settings, jobs=jobs, storage=storage, owner=owner, idempotency_key=idempotency_key,
+        spec,
+        settings=settings,
+        jobs=jobs,
+        storage=storage,
+        owner=owner,
+        idempotency_key=idempotency_key,
         shape=_upload_shape(spec, settings, owner),
     )
     response.headers["Location"] = f"/jobs/{job.id}"
@@ -118,21 +139,25 @@ def create_job(
 def _check_dataset_reference(spec: JobSpec, settings: Any, owner: str) -> None:
     """The server never opens a path from a request: csv/npz need a path under the data dir,
     checked by the dataset layer; uploads must exist and belong to the owner."""
-    from service.datasets import resolve_safe_path
+    from service.datasets.paths import resolve_dataset_path
 
     d = spec.dataset
     if d.name in ("csv", "npz"):
-        resolve_safe_path(d.path, settings.resolved_data_dir)  # type: ignore[union-attr]
+        try:
+            resolve_dataset_path(
+                d.path, data_dir=settings.resolved_data_dir, allow_local_paths=False
+            )  # type: ignore[union-attr]
+        except DatasetError as e:
+            raise SpecError(e.message, field="dataset.path") from None
     elif d.name == "upload":
         _upload_info(d.id, settings, owner)  # type: ignore[union-attr]
 
 
 def _upload_info(upload_id: str, settings: Any, owner: str) -> Any:
-    from service.api.security import owner_slug
     from service.datasets import get_upload_info
 
     try:
-        return get_upload_info(upload_id, settings.resolved_upload_dir / owner_slug(owner))
+        return get_upload_info(upload_id, settings.upload_dir_for(owner))
     except (NotFoundError, KeyError):
         raise SpecError(f"no uploaded dataset with id {upload_id!r}", field="dataset.id") from None
 
@@ -158,7 +183,9 @@ def validate_job(spec: JobSpec, settings: SettingsDep, owner: OwnerDep) -> Valid
     seconds = None
     if params and rows:
         train_rows = rows * (1 - spec.training.validation_split - spec.training.test_split)
-        seconds = round(n * spec.training.max_epochs * train_rows * params * _SECONDS_PER_SAMPLE_PARAM_EPOCH, 1)
+        seconds = round(
+            n * spec.training.max_epochs * train_rows * params * _SECONDS_PER_SAMPLE_PARAM_EPOCH, 1
+        )
     return ValidateResult(
         valid=True,
         search_space=spec.resolved_space().model_dump(mode="json"),
@@ -186,7 +213,9 @@ def list_jobs(
             before = (datetime.fromisoformat(raw[0]), str(raw[1]))
         except (IndexError, ValueError, TypeError):
             raise SpecError("malformed cursor", field="cursor") from None
-    items = jobs.list(owner=owner, state=state.value if state else None, limit=limit + 1, before=before)
+    items = jobs.list(
+        owner=owner, state=state.value if state else None, limit=limit + 1, before=before
+    )
     nxt = None
     if len(items) > limit:
         items = items[:limit]
@@ -202,7 +231,11 @@ def get_job(job_id: str, jobs: JobsDep, storage: StorageDep, owner: OwnerDep) ->
     trials = study.get_trials(deepcopy=False)
     counts = state_counts(trials)
     bt = best_trial(study)
-    best = BestSummary(trial_number=bt.number, value=bt.value, params=bt.params) if bt and bt.value is not None else None
+    best = (
+        BestSummary(trial_number=bt.number, value=bt.value, params=bt.params)
+        if bt and bt.value is not None
+        else None
+    )
     elapsed = eta = None
     if job.started_at is not None:
         end = _aware(job.finished_at) or datetime.now(UTC)
@@ -213,7 +246,9 @@ def get_job(job_id: str, jobs: JobsDep, storage: StorageDep, owner: OwnerDep) ->
     return JobDetail(
         **base.model_dump(),
         spec=_spec(job),
-        trial_counts=TrialCounts(**{k: v for k, v in counts.items() if k in TrialCounts.model_fields}),
+        trial_counts=TrialCounts(
+            **{k: v for k, v in counts.items() if k in TrialCounts.model_fields}
+        ),
         best=best,
         elapsed_s=elapsed,
         eta_s=eta,
@@ -226,8 +261,7 @@ def cancel_job(job_id: str, jobs: JobsDep, storage: StorageDep, owner: OwnerDep)
     or cancelled at once when no trial is running."""
     job = jobs.get(job_id, owner=owner)
     if job.state == JobState.QUEUED:
-        if not jobs.transition(job.id, JobState.CANCELLED):
-            job = jobs.get(job_id)  # a worker started it meanwhile; cancel the running job
+        jobs.transition(job.id, JobState.CANCELLED)  # False: a worker started it meanwhile
     job = jobs.get(job_id)
     if job.state == JobState.RUNNING:
         jobs.transition(job.id, JobState.CANCELLING)
@@ -240,11 +274,15 @@ def cancel_job(job_id: str, jobs: JobsDep, storage: StorageDep, owner: OwnerDep)
 
 
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_job(job_id: str, jobs: JobsDep, storage: StorageDep, settings: SettingsDep, owner: OwnerDep) -> Response:
+def delete_job(
+    job_id: str, jobs: JobsDep, storage: StorageDep, settings: SettingsDep, owner: OwnerDep
+) -> Response:
     """Delete a job that is not running, with its study and model files."""
     job = jobs.get(job_id, owner=owner)
     if job.state in (JobState.RUNNING, JobState.CANCELLING):
-        raise ConflictError(f"job {job.id} is {job.state}; cancel it and wait until it is cancelled", field="state")
+        raise ConflictError(
+            f"job {job.id} is {job.state}; cancel it and wait until it is cancelled", field="state"
+        )
     try:
         study = optuna.load_study(study_name=job.study_name, storage=storage)
         _delete_artifacts(study, settings)
@@ -294,7 +332,9 @@ def list_trials(
 
 
 @router.get("/{job_id}/trials/{number}", response_model=TrialDetail)
-def get_trial(job_id: str, number: int, jobs: JobsDep, storage: StorageDep, owner: OwnerDep) -> TrialDetail:
+def get_trial(
+    job_id: str, number: int, jobs: JobsDep, storage: StorageDep, owner: OwnerDep
+) -> TrialDetail:
     job = jobs.get(job_id, owner=owner)
     trials = _study(job, storage).get_trials(deepcopy=False)
     for t in trials:
@@ -322,9 +362,13 @@ def get_best(job_id: str, jobs: JobsDep, storage: StorageDep, owner: OwnerDep) -
 @router.get(
     "/{job_id}/best/model",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}
+    },
 )
-def download_model(job_id: str, jobs: JobsDep, storage: StorageDep, settings: SettingsDep, owner: OwnerDep) -> FileResponse:
+def download_model(
+    job_id: str, jobs: JobsDep, storage: StorageDep, settings: SettingsDep, owner: OwnerDep
+) -> FileResponse:
     """The best trial's weights as safetensors (architecture in the file's metadata)."""
     job = jobs.get(job_id, owner=owner)
     view = best_view(_study(job, storage))
@@ -333,7 +377,8 @@ def download_model(job_id: str, jobs: JobsDep, storage: StorageDep, settings: Se
     if not aid or not str(aid).replace("-", "").isalnum() or path is None or not path.is_file():
         raise NotFoundError(f"no saved model for the best trial of job {job_id}", field="model")
     return FileResponse(
-        path, media_type="application/octet-stream",
+        path,
+        media_type="application/octet-stream",
         filename=f"{job.name}-trial{view['trial_number']}.safetensors",
     )
 
