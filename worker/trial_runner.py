@@ -167,6 +167,8 @@ def _finish(
             rt, jobs, trial, TrialState.PRUNED, Outcome.DIVERGED, reason=result.diverged_reason
         )
     value = result.best_value
+    if value is None:  # no epoch finished (cannot happen with max_epochs >= 1); never ranked
+        return _tell(rt, jobs, trial, TrialState.PRUNED, Outcome.PRUNED, reason="no epoch finished")
     if _is_new_best(study, value):
         _save_best(rt, trial, result, artifact_store)
     return _tell(rt, jobs, trial, value, Outcome.COMPLETE, value=value)

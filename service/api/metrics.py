@@ -47,8 +47,8 @@ class _DatabaseCollector(Collector):
             if start is not None and end is not None and state in ("COMPLETE", "PRUNED"):
                 s, e = _ts(start), _ts(end)
                 durations.append(max(0.0, e - s))
-        for st in ("COMPLETE", "PRUNED", "FAIL"):
-            c_.add_metric([st.lower()], by_state.get(st, 0))
+        for name in ("COMPLETE", "PRUNED", "FAIL"):
+            c_.add_metric([name.lower()], by_state.get(name, 0))
         yield c_
         buckets = []
         for b in TRIAL_BUCKETS:

@@ -213,7 +213,7 @@ def list_jobs(
             before = (datetime.fromisoformat(raw[0]), str(raw[1]))
         except (IndexError, ValueError, TypeError):
             raise SpecError("malformed cursor", field="cursor") from None
-    items = jobs.list(
+    items = jobs.list_jobs(
         owner=owner, state=state.value if state else None, limit=limit + 1, before=before
     )
     nxt = None
