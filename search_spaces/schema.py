@@ -47,6 +47,12 @@ _NUMERIC: dict[str, tuple[float, float, bool, bool]] = {
     "hidden_width": (1, 1_000_000, True, True),
     "n_hidden_layers": (1, 1_000, True, True),
 }
+DEFAULT_OPTIMIZER = "adam"  # what a trial uses when the space does not choose an optimizer
+_OPTIMIZER_KNOBS = {
+    "momentum": {"momentum", "nesterov", "rmsprop"},
+    "beta1": {"adam", "adamw"},
+    "beta2": {"adam", "adamw"},
+}
 _INTEGER_PARAMS = {"batch_size", "hidden_width", "n_hidden_layers"}
 _BOOL_PARAMS = {"batch_norm"}
 KNOWN_PARAMETERS = tuple(sorted([*_CATEGORICAL_VOCAB, *_NUMERIC, *_BOOL_PARAMS]))
@@ -232,7 +238,26 @@ class SearchSpace(BaseModel):
                             f"{where}.when.{parent}: values {unknown or values} are not choices of {parent!r}"
                         )
             seen[name] = param
+        self._check_optimizer_knobs()
         return self
+
+    def _check_optimizer_knobs(self) -> None:
+        """momentum / beta1 / beta2 only mean something for some optimizers; sampling them for
+        another would be silently meaningless, so the space must say when they apply."""
+        opt = self.parameters.get("optimizer")
+        all_opts = set(_values_of(opt) or []) if opt is not None else {DEFAULT_OPTIMIZER}
+        for knob, users in _OPTIMIZER_KNOBS.items():
+            param = self.parameters.get(knob)
+            if param is None:
+                continue
+            active = set(param.when["optimizer"]) if param.when and "optimizer" in param.when else all_opts
+            unused = sorted(str(o) for o in active - users)
+            if unused:
+                raise ValueError(
+                    f"parameters.{knob}: only {', '.join(sorted(users))} use {knob}, but it would also be "
+                    f"sampled for {', '.join(unused)}; add `when: {{optimizer: [...]}}` listing the optimizers "
+                    "it applies to"
+                )
 
     def is_active(self, name: str, params: dict[str, Any]) -> bool:
         """Whether ``name`` is sampled given the values already chosen for earlier parameters."""

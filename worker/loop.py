@@ -26,9 +26,11 @@ from service.db import Job, JobStore, create_schema, make_engine
 from service.errors import HPOError
 from service.states import JobState
 from service.studies import JOB_ID_ATTR, make_storage
-from worker.runtime import RuntimeCache
+from service.submission import estimate_parameters
+from worker.population_runner import run_population
+from worker.runtime import JobRuntime, RuntimeCache
 from worker.training import EpochMetrics
-from worker.trial_runner import Outcome, TrialOutcome, run_trial
+from worker.trial_runner import JobStateProbe, Outcome, TrialContext, TrialOutcome, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +125,38 @@ class Worker:
                 log.error("job %s failed to start: %s", job.id, e)
                 return True
             on_epoch = partial(self.listener.epoch_done, job) if self.listener else None
-            outcome = run_trial(
-                rt, self.jobs, self.artifacts, should_stop=self._stop.is_set, on_epoch=on_epoch
+            ctx = TrialContext(
+                rt,
+                self.jobs,
+                self.artifacts,
+                JobStateProbe(self.jobs, job.id),
+                self._stop.is_set,
+                on_epoch,
             )
-            self.trials_run += 1
-            self._after_trial(job, outcome)
+            n = 1 + self._reserve_more(job, self._population_size(rt) - 1)
+            outcomes = [run_trial(ctx)] if n == 1 else run_population(ctx, n)
+            for outcome in outcomes:
+                self.trials_run += 1
+                self._after_trial(job, outcome)
             return True
         return False
+
+    def _population_size(self, rt: JobRuntime) -> int:
+        """P: the configured --population, else chosen from the device and the model size."""
+        if self.settings.population is not None:
+            return max(1, self.settings.population)
+        from worker.population import auto_population_size
+
+        n_params = estimate_parameters(rt.spec, rt.n_features, rt.n_classes)
+        return auto_population_size(n_params, int(rt.data.X_train.shape[0]), rt.device)
+
+    def _reserve_more(self, job: Job, k: int) -> int:
+        if self.max_trials is not None:
+            k = min(k, self.max_trials - self.trials_run - 1)
+        got = 0
+        while got < k and self.jobs.reserve_slot(job.id):
+            got += 1
+        return got
 
     def _after_trial(self, job: Job, outcome: TrialOutcome) -> None:
         if outcome.outcome is Outcome.FAILED:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +24,13 @@ from optuna.trial import TrialState
 
 from search_spaces.sampling import suggest
 from service.db import JobStore
+from service.results import MODEL_ARTIFACT_ATTR
 from service.states import JobState
+from service.trial_attrs import set_user_attrs
 from worker.runtime import JobRuntime
 from worker.training import (
     EpochMetrics,
+    TrialConfig,
     TrialResult,
     architecture_dict,
     evaluate,
@@ -37,7 +41,6 @@ from worker.trial_config import resolve_config, trial_seed
 
 log = logging.getLogger(__name__)
 
-MODEL_ARTIFACT_ATTR = "model_artifact_id"
 REQUEUED_FROM_ATTR = "failed_trial"  # same key as Optuna's retry callback: the original number
 
 
@@ -73,80 +76,123 @@ def original_number(study: optuna.Study, trial: optuna.Trial) -> int:
     return int(sa.get(REQUEUED_FROM_ATTR, trial.number))
 
 
-def run_trial(
-    rt: JobRuntime,
-    jobs: JobStore,
-    artifact_store: FileSystemArtifactStore,
-    *,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_epoch: Callable[[int, EpochMetrics], None] | None = None,
-) -> TrialOutcome:
-    """Run one trial for a job whose budget slot the caller has already reserved."""
-    study = rt.study
+class JobStateProbe:
+    """Answers "is the job still running?" between epochs with at most one query per interval,
+    so a population of P members does not cost P queries per epoch."""
+
+    def __init__(self, jobs: JobStore, job_id: str, interval_s: float = 0.5) -> None:
+        self.jobs, self.job_id, self.interval_s = jobs, job_id, interval_s
+        self._checked_at = -math.inf
+        self._running = True
+
+    def running(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked_at >= self.interval_s:
+            self._running = self.jobs.get(self.job_id).state == JobState.RUNNING
+            self._checked_at = now
+        return self._running
+
+
+@dataclass
+class TrialContext:
+    """Everything needed to run and finish one asked trial."""
+
+    rt: JobRuntime
+    jobs: JobStore
+    artifact_store: FileSystemArtifactStore
+    probe: JobStateProbe
+    should_stop: Callable[[], bool]
+    on_epoch: Callable[[int, EpochMetrics], None] | None = None
+
+
+def ask(rt: JobRuntime) -> optuna.Trial:
     with warnings.catch_warnings():
         # Optuna warns that heartbeats are meant for Study.optimize; we run the heartbeat
         # thread around ask/tell ourselves, which is exactly what optimize does.
         warnings.simplefilter("ignore", UserWarning)
-        trial = study.ask()
-    with get_heartbeat_thread(trial._trial_id, study._storage):
-        return _run_asked(rt, jobs, artifact_store, trial, should_stop, on_epoch)
+        return rt.study.ask()
 
 
-def _run_asked(
-    rt: JobRuntime,
-    jobs: JobStore,
-    artifact_store: FileSystemArtifactStore,
-    trial: optuna.Trial,
-    should_stop: Callable[[], bool],
-    on_epoch: Callable[[int, EpochMetrics], None] | None,
-) -> TrialOutcome:
-    study, spec = rt.study, rt.spec
-    number = trial.number
-    try:
-        params = suggest(spec.resolved_space(), trial)
-        config = resolve_config(spec, params, seed=trial_seed(spec, original_number(study, trial)))
+def prepare(rt: JobRuntime, trial: optuna.Trial) -> TrialConfig:
+    """Sample the trial's parameters and resolve them into a TrialConfig."""
+    params = suggest(rt.spec.resolved_space(), trial)
+    return resolve_config(
+        rt.spec, params, seed=trial_seed(rt.spec, original_number(rt.study, trial))
+    )
 
-        def epoch_hook(m: EpochMetrics) -> None:
-            value = m.val_accuracy if spec.objective == "val_accuracy" else m.val_loss
-            if math.isfinite(value):
-                trial.report(value, m.epoch)
-            if on_epoch is not None:
-                on_epoch(number, m)
-            if should_stop():
-                raise WorkerStopping("worker is shutting down")
-            if jobs.get(rt.job_id).state != JobState.RUNNING:
-                raise JobCancelled("job is no longer running")
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
 
-        result = train_trial(config, rt.data, device=rt.device, on_epoch=epoch_hook)
-    except optuna.TrialPruned as e:
+def epoch_hook(ctx: TrialContext, trial: optuna.Trial) -> Callable[[EpochMetrics], None]:
+    """Called after each epoch's validation: the one storage write per epoch (the intermediate
+    value), then the reasons to stop: shutdown, cancellation, pruning."""
+    objective = ctx.rt.spec.objective
+
+    def hook(m: EpochMetrics) -> None:
+        value = m.val_accuracy if objective == "val_accuracy" else m.val_loss
+        if math.isfinite(value):
+            trial.report(value, m.epoch)
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(trial.number, m)
+        if ctx.should_stop():
+            raise WorkerStopping("worker is shutting down")
+        if not ctx.probe.running():
+            raise JobCancelled("job is no longer running")
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
+
+    return hook
+
+
+def run_trial(ctx: TrialContext) -> TrialOutcome:
+    """Run one trial for a job whose budget slot the caller has already reserved."""
+    trial = ask(ctx.rt)
+    with get_heartbeat_thread(trial._trial_id, ctx.rt.study._storage):
         try:
-            return _tell(rt, jobs, trial, TrialState.PRUNED, Outcome.PRUNED, reason=str(e))
+            config = prepare(ctx.rt, trial)
+            result = train_trial(
+                config, ctx.rt.data, device=ctx.rt.device, on_epoch=epoch_hook(ctx, trial)
+            )
+        except Exception as e:
+            return finish_interrupted(ctx, trial, e)
+        return finish(ctx, trial, result)
+
+
+def finish_interrupted(ctx: TrialContext, trial: optuna.Trial, exc: BaseException) -> TrialOutcome:
+    """Map the exception that ended a trial to its state (the one place this mapping lives)."""
+    rt, jobs, number = ctx.rt, ctx.jobs, trial.number
+    if isinstance(exc, optuna.TrialPruned):
+        try:
+            return _tell(rt, jobs, trial, TrialState.PRUNED, Outcome.PRUNED, reason=str(exc))
         except optuna.exceptions.UpdateFinishedTrialError:
             return TrialOutcome(Outcome.LOST, number, reason="finished elsewhere (stale heartbeat)")
-    except JobCancelled as e:
-        _fail(rt, jobs, trial, reason=f"cancelled: {e}", counts_as_failure=False)
-        return TrialOutcome(Outcome.CANCELLED, number, reason=str(e))
-    except WorkerStopping as e:
-        _requeue(study, trial, reason=str(e))
-        _fail(rt, jobs, trial, reason=f"requeued: {e}", counts_as_failure=False)
-        return TrialOutcome(Outcome.REQUEUED, number, reason=str(e))
-    except Exception as e:  # the trial's own failure: recorded on the trial and counted
-        reason = f"{type(e).__name__}: {e}"
-        log.warning("trial %s of job %s failed: %s", number, rt.job_id, reason)
-        _fail(rt, jobs, trial, reason=reason, counts_as_failure=True)
-        return TrialOutcome(Outcome.FAILED, number, reason=reason)
+    if isinstance(exc, JobCancelled):
+        _fail(rt, jobs, trial, reason=f"cancelled: {exc}", counts_as_failure=False)
+        return TrialOutcome(Outcome.CANCELLED, number, reason=str(exc))
+    if isinstance(exc, WorkerStopping):
+        _requeue(rt.study, trial, reason=str(exc))
+        _fail(rt, jobs, trial, reason=f"requeued: {exc}", counts_as_failure=False)
+        return TrialOutcome(Outcome.REQUEUED, number, reason=str(exc))
+    # The trial's own failure: recorded on the trial and counted against the job.
+    reason = f"{type(exc).__name__}: {exc}"
+    log.warning("trial %s of job %s failed: %s", number, rt.job_id, reason)
+    _fail(rt, jobs, trial, reason=reason, counts_as_failure=True)
+    return TrialOutcome(Outcome.FAILED, number, reason=reason)
 
+
+def finish(ctx: TrialContext, trial: optuna.Trial, result: TrialResult) -> TrialOutcome:
+    """Record a trained trial's result and tell it."""
     try:
-        return _finish(rt, jobs, artifact_store, trial, result)
+        return _finish(ctx.rt, ctx.jobs, ctx.artifact_store, trial, result)
     except optuna.exceptions.UpdateFinishedTrialError:
         # Our heartbeat went stale (e.g. SIGSTOP) and the trial was failed and retried elsewhere:
         # the late report is dropped so the trial is not counted twice.
         log.warning(
-            "trial %s of job %s was finished elsewhere; late result dropped", number, rt.job_id
+            "trial %s of job %s was finished elsewhere; late result dropped",
+            trial.number,
+            ctx.rt.job_id,
         )
-        return TrialOutcome(Outcome.LOST, number, reason="finished elsewhere (stale heartbeat)")
+        return TrialOutcome(
+            Outcome.LOST, trial.number, reason="finished elsewhere (stale heartbeat)"
+        )
 
 
 def _finish(
@@ -157,12 +203,11 @@ def _finish(
     result: TrialResult,
 ) -> TrialOutcome:
     study = rt.study
-    _record_attrs(trial, result, target=rt.spec.training.target_accuracy)
+    attrs = _result_attrs(result, target=rt.spec.training.target_accuracy)
     if result.diverged:
         # Diverged: stopped at once, recorded as PRUNED with the reason; only COMPLETE trials are
         # ranked, so it can never be the best trial, and it uses its budget slot like any result.
-        trial.set_user_attr("diverged", True)
-        trial.set_user_attr("diverged_reason", result.diverged_reason)
+        set_user_attrs(study, trial, attrs)
         return _tell(
             rt, jobs, trial, TrialState.PRUNED, Outcome.DIVERGED, reason=result.diverged_reason
         )
@@ -170,28 +215,36 @@ def _finish(
     if value is None:  # no epoch finished (cannot happen with max_epochs >= 1); never ranked
         return _tell(rt, jobs, trial, TrialState.PRUNED, Outcome.PRUNED, reason="no epoch finished")
     if _is_new_best(study, value):
-        _save_best(rt, trial, result, artifact_store)
+        attrs.update(_save_best(rt, trial, result, artifact_store))
+    set_user_attrs(study, trial, attrs)
     return _tell(rt, jobs, trial, value, Outcome.COMPLETE, value=value)
 
 
-def _record_attrs(trial: optuna.Trial, result: TrialResult, *, target: float | None = None) -> None:
+def _result_attrs(result: TrialResult, *, target: float | None = None) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "history": result.history,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "n_parameters": result.n_parameters,
+        "duration_s": round(result.duration_s, 4),
+        "seed": result.seed,
+        "best_val_accuracy": result.best_val_accuracy,
+        "best_val_loss": result.best_val_loss,
+    }
     best = next((h for h in result.history if h["epoch"] == result.best_epoch), None)
     if best is not None:
         # The lectures' overfitting measure: train minus validation accuracy at the kept epoch.
-        trial.set_user_attr("train_val_gap", best["train_accuracy"] - best["val_accuracy"])
-        trial.set_user_attr("best_train_accuracy", best["train_accuracy"])
+        attrs["train_val_gap"] = best["train_accuracy"] - best["val_accuracy"]
+        attrs["best_train_accuracy"] = best["train_accuracy"]
     if target is not None:
-        reached = next((h["epoch"] for h in result.history if h["val_accuracy"] >= target), None)
-        trial.set_user_attr("epochs_to_target", reached)
-    trial.set_user_attr("history", result.history)
-    trial.set_user_attr("epochs_run", result.epochs_run)
-    trial.set_user_attr("best_epoch", result.best_epoch)
-    trial.set_user_attr("stopped_early", result.stopped_early)
-    trial.set_user_attr("n_parameters", result.n_parameters)
-    trial.set_user_attr("duration_s", round(result.duration_s, 4))
-    trial.set_user_attr("seed", result.seed)
-    trial.set_user_attr("best_val_accuracy", result.best_val_accuracy)
-    trial.set_user_attr("best_val_loss", result.best_val_loss)
+        attrs["epochs_to_target"] = next(
+            (h["epoch"] for h in result.history if h["val_accuracy"] >= target), None
+        )
+    if result.diverged:
+        attrs["diverged"] = True
+        attrs["diverged_reason"] = result.diverged_reason
+    return attrs
 
 
 def _is_new_best(study: optuna.Study, value: float) -> bool:
@@ -204,12 +257,13 @@ def _is_new_best(study: optuna.Study, value: float) -> bool:
 
 def _save_best(
     rt: JobRuntime, trial: optuna.Trial, result: TrialResult, store: FileSystemArtifactStore
-) -> None:
+) -> dict[str, Any]:
     """A new best: touch the test split (only for best trials) and keep its weights."""
+    attrs: dict[str, Any] = {}
     if rt.data.X_test.shape[0] > 0:
         test_loss, test_acc = evaluate(result.model, rt.data.X_test, rt.data.y_test)
-        trial.set_user_attr("test_accuracy", test_acc)
-        trial.set_user_attr("test_loss", test_loss)
+        attrs["test_accuracy"] = test_acc
+        attrs["test_loss"] = test_loss
     cfg = resolve_config(rt.spec, trial.params | _fixed_params(rt), seed=result.seed)
     arch = architecture_dict(rt.n_features, rt.n_classes, cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,7 +275,8 @@ def _save_best(
             study_or_trial=trial,
             mimetype="application/octet-stream",
         )
-    trial.set_user_attr(MODEL_ARTIFACT_ATTR, artifact_id)
+    attrs[MODEL_ARTIFACT_ATTR] = artifact_id
+    return attrs
 
 
 def _fixed_params(rt: JobRuntime) -> dict[str, Any]:
@@ -258,7 +313,7 @@ def _fail(
     rt: JobRuntime, jobs: JobStore, trial: optuna.Trial, *, reason: str, counts_as_failure: bool
 ) -> None:
     try:
-        trial.set_user_attr("fail_reason", reason)
+        set_user_attrs(rt.study, trial, {"fail_reason": reason})
         rt.study.tell(trial, state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return  # already failed by the stale-trial reaper, which released the slot
