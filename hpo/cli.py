@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from service.config import Settings
@@ -21,7 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+# soft_wrap: an error is one line however long (scripts grep it); rich would wrap at 80 columns.
+err_console = Console(stderr=True, soft_wrap=True)
 
 StorageOpt = Annotated[
     str | None,
@@ -39,8 +41,13 @@ def _settings(storage: str | None = None) -> Settings:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}")
+    """Print ``error: <message>`` as one line on stderr; the caller raises the returned Exit."""
+    err_console.print(f"[bold red]error:[/] {escape(_one_line(message))}")
     return typer.Exit(code)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 @app.command()
@@ -174,7 +181,7 @@ def main() -> None:
     try:
         app()
     except HPOError as e:
-        err_console.print(f"[bold red]error:[/] {e}")
+        fail(str(e))  # prints the one-line reason; outside the typer app, exit directly
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -69,6 +69,17 @@ class _Param(BaseModel):
     )
 
 
+def _check_grid_repeats(grid: list[Any]) -> None:
+    # A repeated value would enqueue the same grid point twice.
+    if len(set(grid)) != len(grid):
+        raise ValueError("grid values must not repeat")
+
+
+def _on_step(offset: float, step: float) -> bool:
+    k = offset / step  # the tolerance Optuna's FloatDistribution uses for "contains"
+    return abs(k - round(k)) < 1.0e-8
+
+
 class FloatParam(_Param):
     type: Literal["float"]
     low: float
@@ -98,6 +109,14 @@ class FloatParam(_Param):
                 raise ValueError(
                     f"grid values {bad} lie outside [low, high] = [{self.low}, {self.high}]"
                 )
+            _check_grid_repeats(self.grid)
+            if self.step is not None:
+                # Optuna refuses an enqueued value off the step lattice; say so before submitting.
+                off = [v for v in self.grid if not _on_step(v - self.low, self.step)]
+                if off:
+                    raise ValueError(
+                        f"grid values {off} are not low + k * step (low={self.low}, step={self.step})"
+                    )
         return self
 
 
@@ -117,6 +136,8 @@ class IntParam(_Param):
             raise ValueError(f"log scale needs low > 0 (got low={self.low})")
         if self.step <= 0:
             raise ValueError("step must be > 0")
+        if self.log and self.step != 1:
+            raise ValueError("step cannot be combined with log scale (Optuna needs step 1)")
         if self.grid is not None:
             if not self.grid:
                 raise ValueError("grid must list at least one value")
@@ -124,6 +145,12 @@ class IntParam(_Param):
             if bad:
                 raise ValueError(
                     f"grid values {bad} lie outside [low, high] = [{self.low}, {self.high}]"
+                )
+            _check_grid_repeats(self.grid)
+            off = [v for v in self.grid if (v - self.low) % self.step]
+            if off:
+                raise ValueError(
+                    f"grid values {off} are not low + k * step (low={self.low}, step={self.step})"
                 )
         return self
 
@@ -250,7 +277,11 @@ class SearchSpace(BaseModel):
             param = self.parameters.get(knob)
             if param is None:
                 continue
-            active = set(param.when["optimizer"]) if param.when and "optimizer" in param.when else all_opts
+            active = (
+                set(param.when["optimizer"])
+                if param.when and "optimizer" in param.when
+                else all_opts
+            )
             unused = sorted(str(o) for o in active - users)
             if unused:
                 raise ValueError(

@@ -48,7 +48,16 @@ class Settings(BaseSettings):
     max_trial_failures: int = defaults.MAX_TRIAL_FAILURES
     poll_interval_s: float = defaults.POLL_INTERVAL_S
     stop_grace_s: float = defaults.STOP_GRACE_S
+    storage_retry_s: float = Field(
+        default=defaults.STORAGE_RETRY_S,
+        description="How long a running trial rides out an unreachable database before it is "
+        "abandoned to the stale-trial reaper (which fails and re-queues it).",
+    )
     device: str = Field(default="auto", description="auto | cpu | cuda")
+    torch_threads: int | None = Field(
+        default=None,
+        description="torch intra-op threads per worker; with N workers on one machine use cores/N.",
+    )
     population: int | None = Field(
         default=None, description="Trials trained together; None = automatic."
     )
@@ -64,6 +73,7 @@ class Settings(BaseSettings):
     max_dataset_rows: int = defaults.MAX_DATASET_ROWS
     max_dataset_features: int = defaults.MAX_DATASET_FEATURES
     max_active_jobs_per_owner: int = defaults.MAX_ACTIVE_JOBS_PER_OWNER
+    max_request_bytes: int = defaults.MAX_REQUEST_BYTES
 
     @field_validator("device")
     @classmethod

@@ -22,6 +22,8 @@ SPLIT_SEED = 0  # the job's split is seeded so every trial sees the same validat
 # Worker -------------------------------------------------------------------------------------
 POLL_INTERVAL_S = 1.0  # idle workers look for runnable jobs this often
 STOP_GRACE_S = 10.0  # docker compose's default stop grace; SIGTERM finishes within it
+STOP_MARGIN_S = 3.0  # of that grace, kept for failing and re-queueing the interrupted trial
+STORAGE_RETRY_S = 60.0  # a database restart takes seconds; a trial waits this long, then gives up
 
 # Limits (each configurable through HPO_ settings) --------------------------------------------
 MAX_N_TRIALS = 10_000  # keeps one job from monopolising the workers for days
@@ -34,3 +36,5 @@ MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # an upload larger than this gets 413
 MAX_DATASET_ROWS = 2_000_000  # rows in a CSV/NPZ dataset
 MAX_DATASET_FEATURES = 100_000  # columns in a CSV/NPZ dataset
 MAX_ACTIVE_JOBS_PER_OWNER = 20  # queued+running jobs per owner before 429
+MAX_REQUEST_BYTES = 1024 * 1024  # a JSON body (a job spec) is a few KB; bounds memory per request
+UPLOAD_ENVELOPE_BYTES = 64 * 1024  # multipart boundaries and part headers around an upload

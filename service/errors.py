@@ -20,7 +20,10 @@ class HPOError(Exception):
         self.field = field
 
     def __str__(self) -> str:
-        return f"{self.field}: {self.message}" if self.field else self.message
+        # A message that already names its field ("a.yaml:3: n_trials: ...") is not prefixed again.
+        if not self.field or f"{self.field}: " in self.message:
+            return self.message
+        return f"{self.field}: {self.message}"
 
 
 class SpecError(HPOError, ValueError):

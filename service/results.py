@@ -34,6 +34,10 @@ def trial_row(t: FrozenTrial, *, with_history: bool = False) -> dict[str, Any]:
         "reason": ua.get("diverged_reason") or ua.get("fail_reason"),
         "duration_s": duration,
         "retry_of": t.system_attrs.get("failed_trial"),
+        "train_accuracy": ua.get("train_accuracy"),
+        "train_val_gap": ua.get("train_val_gap"),
+        "epochs_to_target": ua.get("epochs_to_target"),
+        "test_accuracy": ua.get("test_accuracy"),
     }
     if with_history:
         row["history"] = ua.get("history", [])
@@ -62,10 +66,17 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     if not complete:
         return None
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    # ties break toward the earlier trial, like Optuna
-    return sorted(
-        complete, key=lambda t: (-(t.value or 0.0) if maximize else (t.value or 0.0), t.number)
-    )[0]
+    return sorted(complete, key=lambda t: _rank(t, maximize))[0]
+
+
+def _rank(t: FrozenTrial, maximize: bool) -> tuple[float, bool, int]:
+    """Best value first; among equal values the trial whose model was saved, then the earliest.
+
+    Workers save weights only for a strictly new best, so with several workers a tied trial with a
+    lower number can finish later without weights; ranking it first would make /best/model 404.
+    """
+    value = t.value or 0.0
+    return (-value if maximize else value, MODEL_ARTIFACT_ATTR not in t.user_attrs, t.number)
 
 
 def best_view(study: optuna.Study, *, fixed: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -95,5 +106,5 @@ def top_trials(study: optuna.Study, k: int = 10) -> list[FrozenTrial]:
         if t.value is not None
     ]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    complete.sort(key=lambda t: (-(t.value or 0.0) if maximize else (t.value or 0.0), t.number))
+    complete.sort(key=lambda t: _rank(t, maximize))
     return complete[:k]

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from search_spaces import (
     ACTIVATIONS,
@@ -19,7 +29,7 @@ from search_spaces import (
     load_preset,
 )
 from service import defaults
-from service.datasets.spec import DatasetSpec
+from service.datasets.spec import DatasetSpec, DigitsSpec
 from service.errors import SpecError
 
 _STRICT = ConfigDict(extra="forbid")
@@ -120,6 +130,11 @@ class TrainingSpec(BaseModel):
         return self
 
 
+def _space_kind(v: Any) -> str:
+    # A string is a preset name, anything else an inline space: only that branch reports errors.
+    return "str" if isinstance(v, str) else "SearchSpace"
+
+
 class JobSpec(BaseModel):
     """A search job. Invariants after validation: the search space resolves (preset or inline),
     a grid job has finite values for every parameter, and a non-grid job has ``n_trials``."""
@@ -127,9 +142,12 @@ class JobSpec(BaseModel):
     model_config = _STRICT
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="Job name.")
-    dataset: DatasetSpec = Field(default_factory=lambda: {"name": "digits"})  # type: ignore[assignment]
+    dataset: DatasetSpec = Field(default_factory=DigitsSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
-    search_space: str | SearchSpace = Field(
+    search_space: Annotated[
+        Annotated[str, Tag("str")] | Annotated[SearchSpace, Tag("SearchSpace")],
+        Discriminator(_space_kind),
+    ] = Field(
         default="default", description="A preset name from search_spaces/ or an inline space."
     )
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
@@ -157,13 +175,13 @@ class JobSpec(BaseModel):
             try:
                 size = grid_size(space)
             except GridError as e:
-                raise ValueError(str(e)) from None
+                raise ValueError(f"search_space: {e}") from None
             if self.n_trials is not None and self.n_trials != size:
                 raise ValueError(
-                    f"n_trials ({self.n_trials}) must equal the grid size ({size}) or be omitted"
+                    f"n_trials: {self.n_trials} must equal the grid size ({size}) or be omitted"
                 )
         elif self.n_trials is None:
-            raise ValueError("n_trials is required for the random and tpe samplers")
+            raise ValueError(f"n_trials: required for the {self.sampler.type} sampler")
         return self
 
     # Derived -----------------------------------------------------------------------------------
@@ -202,11 +220,11 @@ def format_validation_error(
     """One SpecError listing every problem as ``field: message`` (with file:line when known)."""
     problems: list[dict[str, str]] = []
     for e in err.errors():
-        parts = [str(p) for p in e["loc"] if not _is_union_tag(p)]
-        field = ".".join(([prefix] if prefix else []) + parts)
         msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (not part of the job spec)"
+        parts, msg = error_location(e["loc"], msg)
+        field = ".".join(([prefix] if prefix else []) + parts)
         item = {"field": field or "(root)", "message": msg}
         line = _line_for(lines, parts) if lines else None
         if source:
@@ -217,6 +235,26 @@ def format_validation_error(
         for p in problems
     )
     return SpecError(text, field=problems[0]["field"] if problems else None, errors=problems)
+
+
+# "parameters.momentum.when: ..." or "n_trials: ...": a validator that sees several fields at once
+# (a search space, the budget) names the one it means at the start of its message.
+_PATH_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): (.+)$", re.DOTALL)
+
+
+def error_location(loc: tuple[Any, ...] | list[Any], msg: str) -> tuple[list[str], str]:
+    """The user-facing path of a pydantic error (union tags dropped, a field named at the start
+    of a model-level message moved into the path) and the message without that prefix."""
+    parts = [str(p) for p in loc if not _is_union_tag(p)]
+    m = _PATH_PREFIX.match(msg)
+    if m is not None:
+        path = m.group(1).split(".")
+        at_space = bool(parts) and parts[-1] == "search_space"
+        if (path[0] == "parameters" and (at_space or not parts)) or (
+            not parts and path[0] in JobSpec.model_fields
+        ):
+            return parts + path, m.group(2)
+    return parts, msg
 
 
 _UNION_TAGS = {
@@ -318,7 +356,9 @@ def load_spec_file(path: str | Path) -> JobSpec:
 
 
 def spec_to_json(spec: JobSpec) -> str:
-    return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    # Not sort_keys: the order of search_space.parameters is meaningful (a `when` refers to an
+    # earlier parameter, and parameters are sampled in order); model fields dump in a fixed order.
+    return json.dumps(spec.model_dump(mode="json"))
 
 
 __all__ = [
@@ -328,6 +368,7 @@ __all__ = [
     "PrunerSpec",
     "SamplerSpec",
     "TrainingSpec",
+    "error_location",
     "format_validation_error",
     "load_spec_file",
     "parse_spec_text",

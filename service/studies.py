@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import func, select, text
 
 from search_spaces.sampling import distribution
 from service.config import Settings
@@ -58,6 +60,56 @@ def make_storage(
     configure_sqlite(storage.engine)
     storage.engine.dispose()  # connections opened before the hooks existed must not be reused
     return storage
+
+
+def count_finished_trials(storage: optuna.storages.BaseStorage, study_id: int) -> int:
+    """COMPLETE + PRUNED trials of a study: one COUNT query instead of loading every trial."""
+    backend = getattr(storage, "_backend", storage)
+    if isinstance(backend, RDBStorage):
+        with backend.engine.connect() as conn:
+            n = conn.execute(
+                text(
+                    "SELECT COUNT(*) FROM trials WHERE study_id = :sid "
+                    "AND state IN ('COMPLETE', 'PRUNED')"
+                ),
+                {"sid": study_id},
+            ).scalar()
+        return int(n or 0)
+    done = storage.get_all_trials(
+        study_id, deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
+    )
+    return len(done)
+
+
+def stale_study_names(storage: optuna.storages.BaseStorage, grace_s: float) -> set[str]:
+    """Names of studies with a RUNNING trial whose last heartbeat is older than ``grace_s``.
+
+    One query for all studies, so a reaper need not load every running job's study each beat
+    (Optuna's ``fail_stale_trials`` then does the per-study work for these only). Times are the
+    database's own clock, as in Optuna's heartbeat check."""
+    from optuna.storages._rdb import models
+
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, RDBStorage):
+        return set()
+    with backend.engine.connect() as conn:
+        now = conn.execute(select(func.now())).scalar()
+        assert now is not None
+        cutoff = now.replace(tzinfo=None) - timedelta(seconds=grace_s)
+        rows = conn.execute(
+            select(models.StudyModel.study_name)
+            .join(models.TrialModel, models.TrialModel.study_id == models.StudyModel.study_id)
+            .join(
+                models.TrialHeartbeatModel,
+                models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id,
+            )
+            .where(
+                models.TrialModel.state == TrialState.RUNNING,
+                models.TrialHeartbeatModel.heartbeat < cutoff,
+            )
+            .distinct()
+        ).all()
+    return {r[0] for r in rows}
 
 
 def make_sampler(spec: JobSpec) -> optuna.samplers.BaseSampler:

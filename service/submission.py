@@ -10,7 +10,7 @@ import optuna
 
 from search_spaces import GridError
 from service.config import Settings
-from service.db import Job, JobStore
+from service.db import Job, JobStore, new_job_id, study_name_for
 from service.errors import LimitExceededError, SpecError, TooManyJobsError
 from service.spec import JobSpec
 from service.studies import create_job_study
@@ -76,6 +76,20 @@ def check_limits(spec: JobSpec, settings: Settings, shape: tuple[int, int] | Non
             f"hidden width {max(layers)} exceeds the limit of {settings.max_hidden_width}",
             field="model.hidden_layers",
         )
+    d = spec.dataset
+    if d.name == "synthetic":  # generated on every worker: the dataset limits apply as to files
+        if d.n_samples > settings.max_dataset_rows:  # type: ignore[union-attr]
+            raise LimitExceededError(
+                f"{d.n_samples:,} samples exceed the limit of {settings.max_dataset_rows:,} "  # type: ignore[union-attr]
+                "(max_dataset_rows)",
+                field="dataset.n_samples",
+            )
+        if d.n_features > settings.max_dataset_features:  # type: ignore[union-attr]
+            raise LimitExceededError(
+                f"{d.n_features:,} features exceed the limit of "  # type: ignore[union-attr]
+                f"{settings.max_dataset_features:,} (max_dataset_features)",
+                field="dataset.n_features",
+            )
     shape = shape or dataset_shape(spec)
     if shape is not None:
         n = estimate_parameters(spec, *shape)
@@ -110,18 +124,34 @@ def submit(
                 "wait for one to finish or cancel one",
                 retry_after=30,
             )
-    job, created = jobs.create(spec, owner=owner, idempotency_key=idempotency_key)
-    if created:
-        try:
-            create_job_study(
-                storage, job.study_name, spec, job_id=job.id, max_grid_size=settings.max_grid_size
-            )
-        except Exception as e:
-            # Never leave a job without its study, nor a half-made study behind.
-            jobs.delete(job.id)
-            with contextlib.suppress(KeyError):
-                optuna.delete_study(study_name=job.study_name, storage=storage)
-            if isinstance(e, GridError):  # already checked above; kept for a clear message
-                raise SpecError(str(e), field="search_space") from None
-            raise
+    if replay:  # the same key again: the stored job, or ConflictError for another spec
+        return jobs.create(spec, owner=owner, idempotency_key=idempotency_key)
+    # The study is created before the job row: workers and the API only reach a study through
+    # its job, so a process killed in between leaves at most an unreferenced study behind, never
+    # a job whose study is missing (which no worker could run and no one could cancel).
+    job_id = new_job_id()
+    study_name = study_name_for(spec.name, job_id)
+    try:
+        create_job_study(
+            storage, study_name, spec, job_id=job_id, max_grid_size=settings.max_grid_size
+        )
+    except Exception as e:
+        _delete_study(storage, study_name)
+        if isinstance(e, GridError):  # already checked above; kept for a clear message
+            raise SpecError(str(e), field="search_space") from None
+        raise
+    try:
+        job, created = jobs.create(
+            spec, owner=owner, idempotency_key=idempotency_key, job_id=job_id
+        )
+    except BaseException:
+        _delete_study(storage, study_name)
+        raise
+    if not created:  # an idempotent replay (or the loser of a race): the first job stands
+        _delete_study(storage, study_name)
     return job, created
+
+
+def _delete_study(storage: optuna.storages.BaseStorage, study_name: str) -> None:
+    with contextlib.suppress(Exception):  # best effort: an orphan study is harmless
+        optuna.delete_study(study_name=study_name, storage=storage)

@@ -2,6 +2,11 @@
 
 Workers own no jobs; they take trials. Any number of them, on any machine that reaches the
 database, cooperate through the jobs table (budget) and Optuna's storage (trials, heartbeats).
+
+Faults the loop survives: a dead worker's trials are failed and re-queued by any other worker's
+reaper thread within heartbeat interval + grace (and by a new worker at start-up); the database
+going away makes the loop back off and retry instead of exiting; SIGTERM stops the current trial
+at its next epoch boundary, or mid-epoch once the stop grace period is nearly over.
 """
 
 from __future__ import annotations
@@ -13,26 +18,49 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 import optuna
+import torch
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
+from service import defaults
 from service.config import Settings
 from service.db import Job, JobStore, create_schema, make_engine
-from service.errors import HPOError
+from service.db.retry import Backoff, describe, is_transient
+from service.errors import HPOError, NotFoundError
 from service.states import JobState
-from service.studies import JOB_ID_ATTR, make_storage
+from service.studies import (
+    JOB_ID_ATTR,
+    SPEC_ATTR,
+    count_finished_trials,
+    make_storage,
+    stale_study_names,
+)
 from service.submission import estimate_parameters
 from worker.population_runner import run_population
 from worker.runtime import JobRuntime, RuntimeCache
 from worker.training import EpochMetrics
-from worker.trial_runner import JobStateProbe, Outcome, TrialContext, TrialOutcome, run_trial
+from worker.trial_runner import (
+    REQUEUE_OF_ATTR,
+    TRAINING_GATE,
+    JobStateProbe,
+    Outcome,
+    TrialContext,
+    TrialOutcome,
+    WorkerStopping,
+    run_trial,
+)
 
 log = logging.getLogger(__name__)
+
+# The reaper also re-counts finished trials and settles finished or cancelled jobs, which only
+# matters after a crash between a tell and its bookkeeping: every this many heartbeat intervals.
+SETTLE_EVERY = 10
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 
 class WorkerListener(Protocol):
@@ -61,7 +89,15 @@ class Worker:
         self.cache = RuntimeCache(
             self.settings, self.storage, allow_local_paths=self.allow_local_paths
         )
+        if self.settings.torch_threads is not None:
+            # Several workers on one machine must not oversubscribe its cores.
+            torch.set_num_threads(max(1, self.settings.torch_threads))
         self._last_reap = 0.0
+        self._reaps = 0
+        self._reap_lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+        self._reaper_stop = threading.Event()
+        self._deadline_armed = False
 
     def _artifact_dir(self) -> str:
         d = self.settings.resolved_artifact_dir
@@ -74,32 +110,81 @@ class Worker:
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT: stop after the current epoch. An epoch that would outlast the stop
+        grace period (docker's SIGKILL follows it) is interrupted by SIGALRM at
+        ``stop_grace_s - STOP_MARGIN_S``, leaving the margin to fail and re-queue the trial."""
+
         def _handler(signum: int, _frame: FrameType | None) -> None:
+            if self._stop.is_set():
+                return
             log.info("signal %s: stopping after the current epoch", signum)
             self.stop()
+            deadline = max(0.5, self.settings.stop_grace_s - defaults.STOP_MARGIN_S)
+            signal.setitimer(signal.ITIMER_REAL, deadline)
+            self._deadline_armed = True
+
+        def _deadline(_signum: int, _frame: FrameType | None) -> None:
+            if TRAINING_GATE.training:  # never inside a storage write or a trial's finishing
+                raise WorkerStopping("stop grace period ending: trial interrupted mid-epoch")
 
         signal.signal(signal.SIGTERM, _handler)
         signal.signal(signal.SIGINT, _handler)
+        signal.signal(signal.SIGALRM, _deadline)
 
     # Main loop --------------------------------------------------------------------------------
     def run(self) -> int:
-        self.reap(force=True)  # a restarted worker reclaims its predecessors' dead trials first
-        while not self._stop.is_set():
-            if self.max_trials is not None and self.trials_run >= self.max_trials:
-                break
-            self.reap()
-            if self.job_id is not None and JobState(self.jobs.get(self.job_id).state) in {
-                JobState.SUCCEEDED,
-                JobState.FAILED,
-                JobState.CANCELLED,
-            }:
-                break
-            if self._run_one():
-                continue
-            if self.once and self.job_id is None:
-                break
-            self._stop.wait(self.settings.poll_interval_s)
+        """Run trials until stopped (or, with job_id / once / max_trials, until done). A database
+        that goes away is waited for with backoff; the loop never exits because of it."""
+        backoff = Backoff(maximum=10.0)
+        started = False
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not started:
+                        # A restarted worker reclaims its predecessors' dead trials first, before
+                        # it asks for any trial (a job whose budget the dead held is not runnable).
+                        self.reap(force=True)
+                        self._start_reaper()
+                        started = True
+                    if self.max_trials is not None and self.trials_run >= self.max_trials:
+                        break
+                    if self.job_id is not None and self._own_job_done():
+                        break
+                    ran = self._run_one()
+                    backoff.reset()
+                    if ran:
+                        continue
+                    if self.once and self.job_id is None:
+                        break
+                    self._stop.wait(self.settings.poll_interval_s)
+                except NotFoundError as e:
+                    if self.job_id is not None:
+                        log.warning("job %s no longer exists; stopping", self.job_id)
+                        break
+                    log.warning("a job vanished while this worker used it: %s", e)
+                except Exception as e:
+                    if not is_transient(e) and (self.job_id is not None or self.once):
+                        raise  # a one-shot run reports its bug instead of retrying forever
+                    delay = backoff.next()
+                    if is_transient(e):
+                        log.warning(
+                            "database unavailable (%s); retrying in %.1fs", describe(e), delay
+                        )
+                    else:
+                        log.exception(
+                            "unexpected error in the worker loop; retrying in %.1fs", delay
+                        )
+                    self._stop.wait(delay)
+        finally:
+            log.info("worker loop ended after %d trials", self.trials_run)
+            self._stop_reaper()
+            if self._deadline_armed:  # a late SIGALRM at interpreter exit would kill us (rc -14)
+                signal.setitimer(signal.ITIMER_REAL, 0)
         return self.trials_run
+
+    def _own_job_done(self) -> bool:
+        assert self.job_id is not None
+        return JobState(self.jobs.get(self.job_id).state) in TERMINAL
 
     def _candidates(self) -> list[Job]:
         if self.job_id is not None:
@@ -111,29 +196,31 @@ class Worker:
         for job in self._candidates():
             if job.state not in (JobState.QUEUED, JobState.RUNNING):
                 continue
+            # Load (once per process) before reserving: a slot is then held only for the
+            # milliseconds between reserving and asking, never across a slow dataset load.
+            rt = self._runtime(job)
+            if rt is None:
+                return True
             if not self.jobs.reserve_slot(job.id):
                 continue
-            if job.state == JobState.QUEUED:
-                self.jobs.try_transition(job.id, JobState.RUNNING)
+            n = 1
             try:
-                rt = self.cache.get(job)
-            except (HPOError, ValidationError, ValueError, OSError) as e:
-                # The dataset or spec cannot be loaded (bad data, or a spec from a newer API
-                # version): no trial of this job can ever run here, so the job fails with why.
-                self.jobs.release_slot(job.id)
-                self.jobs.try_transition(job.id, JobState.FAILED, error=f"cannot start: {e}")
-                log.error("job %s failed to start: %s", job.id, e)
-                return True
-            on_epoch = partial(self.listener.epoch_done, job) if self.listener else None
-            ctx = TrialContext(
-                rt,
-                self.jobs,
-                self.artifacts,
-                JobStateProbe(self.jobs, job.id),
-                self._stop.is_set,
-                on_epoch,
-            )
-            n = 1 + self._reserve_more(job, self._population_size(rt) - 1)
+                if job.state == JobState.QUEUED:
+                    self.jobs.try_transition(job.id, JobState.RUNNING)
+                on_epoch = partial(self.listener.epoch_done, job) if self.listener else None
+                ctx = TrialContext(
+                    rt,
+                    self.jobs,
+                    self.artifacts,
+                    JobStateProbe(self.jobs, job.id),
+                    self._stop.is_set,
+                    on_epoch,
+                    storage_retry_s=self.settings.storage_retry_s,
+                )
+                n += self._reserve_more(job, self._population_size(rt) - 1)
+            except BaseException:
+                self._release(job.id, n)
+                raise
             outcomes = [run_trial(ctx)] if n == 1 else run_population(ctx, n)
             for outcome in outcomes:
                 self.trials_run += 1
@@ -141,21 +228,49 @@ class Worker:
             return True
         return False
 
-    def _population_size(self, rt: JobRuntime) -> int:
-        """P: the configured --population, else chosen from the device and the model size."""
-        if self.settings.population is not None:
-            return max(1, self.settings.population)
-        from worker.population import auto_population_size
+    def _runtime(self, job: Job) -> JobRuntime | None:
+        """The job's runtime, or None after failing a job whose spec or data cannot load."""
+        try:
+            return self.cache.get(job)
+        except (HPOError, ValidationError, ValueError, OSError, KeyError) as e:
+            if is_transient(e):
+                raise
+            # The dataset or spec cannot be loaded (bad data, a spec from a newer API version,
+            # a study deleted under the job): no trial of this job can ever run here.
+            reason = f"cannot start: {e}" if not isinstance(e, KeyError) else "its study is gone"
+            self.jobs.try_transition(job.id, JobState.FAILED, error=reason)
+            log.error("job %s failed to start: %s", job.id, reason)
+            return None
 
-        n_params = estimate_parameters(rt.spec, rt.n_features, rt.n_classes)
-        return auto_population_size(n_params, int(rt.data.X_train.shape[0]), rt.device)
+    def _release(self, job_id: str, n: int) -> None:
+        for _ in range(n):
+            try:
+                self.jobs.release_slot(job_id)
+            except Exception as e:
+                log.error("job %s: a budget slot could not be released: %s", job_id, describe(e))
+
+    def _population_size(self, rt: JobRuntime) -> int:
+        """P: the configured --population, else chosen from the device and the model size;
+        capped while the pruner still waits for its start-up trials (see _pruner_startup_cap)."""
+        if self.settings.population is not None:
+            p = max(1, self.settings.population)
+        else:
+            from worker.population import auto_population_size
+
+            n_params = estimate_parameters(rt.spec, rt.n_features, rt.n_classes)
+            p = auto_population_size(n_params, int(rt.data.X_train.shape[0]), rt.device)
+        return min(p, _pruner_startup_cap(rt))
 
     def _reserve_more(self, job: Job, k: int) -> int:
         if self.max_trials is not None:
             k = min(k, self.max_trials - self.trials_run - 1)
         got = 0
-        while got < k and self.jobs.reserve_slot(job.id):
-            got += 1
+        try:
+            while got < k and self.jobs.reserve_slot(job.id):
+                got += 1
+        except Exception as e:
+            if not is_transient(e):
+                raise
         return got
 
     def _after_trial(self, job: Job, outcome: TrialOutcome) -> None:
@@ -173,25 +288,66 @@ class Worker:
             self.listener.trial_done(job, outcome)
 
     # Housekeeping -----------------------------------------------------------------------------
+    def _start_reaper(self) -> None:
+        """Reap every heartbeat interval in a thread, so a stale trial is failed and re-queued
+        within interval + grace even while this worker is busy training a long trial."""
+        self._reaper = threading.Thread(target=self._reap_forever, name="hpo-reaper", daemon=True)
+        self._reaper.start()
+
+    def _stop_reaper(self) -> None:
+        self._reaper_stop.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=30)
+
+    def _reap_forever(self) -> None:
+        failing = False
+        while not self._reaper_stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                self.reap(force=True)
+                failing = False
+            except Exception as e:
+                if is_transient(e):
+                    if not failing:
+                        log.warning("reaper: database unavailable (%s)", describe(e))
+                else:
+                    log.exception("reaper failed")
+                failing = True
+
     def reap(self, *, force: bool = False) -> None:
         """Fail stale trials (and re-queue them), settle cancelling and finished jobs."""
         now = time.monotonic()
         if not force and now - self._last_reap < self.settings.heartbeat_interval_s:
             return
-        self._last_reap = now
-        active = [*self.jobs.in_state(JobState.RUNNING), *self.jobs.in_state(JobState.CANCELLING)]
-        for job in active:
-            if self.job_id is not None and job.id != self.job_id:
-                continue
-            try:
-                study = optuna.load_study(study_name=job.study_name, storage=self.storage)
-            except KeyError:
-                continue
+        with self._reap_lock:
+            self._last_reap = now
+            settle = self._reaps % SETTLE_EVERY == 0
+            self._reaps += 1
+            stale = stale_study_names(self.storage, self.settings.heartbeat_grace_s)
+            active = [
+                *self.jobs.in_state(JobState.RUNNING),
+                *self.jobs.in_state(JobState.CANCELLING),
+            ]
+            for job in active:
+                if self.job_id is not None and job.id != self.job_id:
+                    continue
+                if job.study_name in stale or settle or job.state == JobState.CANCELLING:
+                    try:
+                        self._reap_job(job, stale=job.study_name in stale)
+                    except (KeyError, NotFoundError):  # deleted meanwhile
+                        continue
+
+    def _reap_job(self, job: Job, *, stale: bool) -> None:
+        study = optuna.load_study(study_name=job.study_name, storage=self.storage)
+        if stale:
             fail_stale_trials(study)
-            if job.state == JobState.CANCELLING:
-                self._finish_cancel(job.id, study)
-            elif job.finished >= job.n_trials:
-                self.jobs.try_transition(job.id, JobState.SUCCEEDED)
+        if job.state == JobState.CANCELLING:
+            self._finish_cancel(job.id, study)
+            return
+        done = count_finished_trials(self.storage, study._study_id)
+        if done > job.finished:  # a crash between a tell and its count; see sync_finished
+            job = self.jobs.sync_finished(job.id, done)
+        if job.finished >= job.n_trials:
+            self.jobs.try_transition(job.id, JobState.SUCCEEDED)
 
     def _finish_cancel(self, job_id: str, study: optuna.Study | None = None) -> None:
         job = self.jobs.get(job_id)
@@ -202,12 +358,68 @@ class Worker:
             self.jobs.try_transition(job_id, JobState.CANCELLED)
 
     def _on_stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        # A dead worker's trial was failed and re-queued: give its budget slot to the retry.
-        job_id = study.user_attrs.get(JOB_ID_ATTR)
-        if job_id:
-            self.jobs.release_slot(job_id)
-            log.warning(
-                "trial %s of job %s went stale; re-queued with the same parameters",
-                trial.number,
-                job_id,
-            )
+        """A dead worker's trial was failed and (up to max_trial_retries) re-queued by Optuna's
+        retry callback: give its budget slot to the retry. A trial that went stale more often
+        than that is counted as a failure of the job (it may be what kills its workers, e.g. the
+        kernel's OOM killer), so a crash loop ends after max_trial_failures; a grid point is
+        re-queued even then, so the grid stays complete while the job lives."""
+        attrs = study.user_attrs
+        job_id = attrs.get(JOB_ID_ATTR)
+        if not job_id:
+            return
+        history = trial.system_attrs.get("retry_history", [])
+        max_retry = self.settings.max_trial_retries
+        exhausted = len(history) + 1 > max_retry
+        grid = (attrs.get(SPEC_ATTR) or {}).get("sampler", {}).get("type") == "grid"
+        if exhausted and grid:
+            _requeue_exhausted(study, trial)
+        self.jobs.release_slot(job_id, failed=exhausted)
+        log.warning(
+            "trial %s of job %s went stale (attempt %d); %s",
+            trial.number,
+            job_id,
+            len(history) + 1,
+            "re-queued with the same parameters"
+            if not exhausted or grid
+            else "not retried again; counted as a failure",
+        )
+        if exhausted:
+            job = self.jobs.get(job_id)
+            if job.failures >= self.settings.max_trial_failures:
+                self.jobs.try_transition(
+                    job_id,
+                    JobState.FAILED,
+                    error=f"{job.failures} trials failed; last error: trial {trial.number} "
+                    f"lost its worker {len(history) + 1} times (crash or out of memory)",
+                )
+
+
+def _pruner_startup_cap(rt: JobRuntime) -> int:
+    """The median and percentile pruners compare a trial only with COMPLETE ones. A first
+    population holding every trial would leave them nothing to compare with, so no trial would
+    ever be pruned; until ``n_startup_trials`` have completed, a population holds only the
+    missing start-up trials, and later populations are pruned as in the sequential path."""
+    pruner = rt.spec.pruner
+    if pruner.type not in ("median", "percentile"):
+        return 1 << 30
+    done = len(rt.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    missing = pruner.n_startup_trials - done
+    return max(1, missing) if missing > 0 else 1 << 30
+
+
+def _requeue_exhausted(study: optuna.Study, trial: FrozenTrial) -> None:
+    system_attrs: dict[str, Any] = {
+        "failed_trial": trial.number,
+        "retry_history": [],
+        **trial.system_attrs,
+    }
+    system_attrs["retry_history"] = [*system_attrs["retry_history"], trial.number]
+    system_attrs[REQUEUE_OF_ATTR] = trial.number
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            system_attrs=system_attrs,
+        )
+    )

@@ -1,75 +1,49 @@
 """Run several asked trials of one job as populations (one batched model per compatible group).
 
-Each member is asked, prepared, reported, pruned and told exactly like a sequential trial; only
-the training in between is batched (``worker.population.train_population``). P=1 never comes
-here: the worker uses the sequential ``run_trial`` for it.
+Each member is asked, claimed, prepared, reported, pruned and told exactly like a sequential
+trial (``worker.trial_runner.run_trial``); only the training in between is batched
+(``worker.population.train_population``). P=1 never comes here: the worker uses ``run_trial``.
 """
 
 from __future__ import annotations
-
-import threading
-from types import TracebackType
 
 import optuna
 
 from worker.training import EpochMetrics, TrialConfig
 from worker.trial_runner import (
+    Heartbeat,
     TrialContext,
     TrialOutcome,
     ask,
+    claim,
     epoch_hook,
     finish,
     finish_interrupted,
+    interruptible,
     prepare,
+    release_unasked,
 )
 
 
-class MultiHeartbeat:
-    """One thread that beats for every trial of a population (instead of P threads)."""
-
-    def __init__(self, storage: optuna.storages.BaseStorage, trial_ids: list[int]) -> None:
-        self.storage = storage
-        self.trial_ids = trial_ids
-        self.interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _beat(self) -> None:
-        assert self.interval is not None
-        while True:
-            for tid in self.trial_ids:
-                self.storage.record_heartbeat(tid)  # type: ignore[attr-defined]
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self) -> MultiHeartbeat:
-        if self.interval is not None:
-            self._thread = threading.Thread(target=self._beat, name="hpo-heartbeat", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
 def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
-    """Ask ``n`` trials (the caller reserved n budget slots), train compatible ones together."""
+    """Ask ``n`` trials (the caller reserved n budget slots) and train compatible ones together."""
     from worker.population import group_configs, train_population
 
     rt = ctx.rt
-    trials = [ask(rt) for _ in range(n)]
+    trials: list[optuna.Trial] = []
+    try:
+        for _ in range(n):
+            trials.append(ask(rt))
+    except BaseException:
+        release_unasked(ctx, n - len(trials))  # slots of the trials that were never asked
+        if not trials:
+            raise
     outcomes: dict[int, TrialOutcome] = {}
-    with MultiHeartbeat(rt.study._storage, [t._trial_id for t in trials]):
+    with Heartbeat(rt.study._storage, [t._trial_id for t in trials]):
         prepared: list[tuple[optuna.Trial, TrialConfig]] = []
         for t in trials:
             try:
+                claim(ctx, t)
                 prepared.append((t, prepare(rt, t)))
             except Exception as e:
                 outcomes[t.number] = finish_interrupted(ctx, t, e)
@@ -81,10 +55,11 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
                 hooks[i](m)
 
             try:
-                results = train_population(
-                    [c for _, c in members], rt.data, device=rt.device, on_epoch=on_epoch
-                )
-            except Exception as e:  # the whole group failed (e.g. out of memory)
+                with interruptible():
+                    results = train_population(
+                        [c for _, c in members], rt.data, device=rt.device, on_epoch=on_epoch
+                    )
+            except Exception as e:  # the whole group ended (stop grace over, out of memory, ...)
                 for t, _ in members:
                     outcomes[t.number] = finish_interrupted(ctx, t, e)
                 continue

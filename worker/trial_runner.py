@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -19,14 +23,17 @@ from typing import Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from search_spaces.sampling import suggest
-from service.db import JobStore
+from service import defaults
+from service.db import Job, JobStore
+from service.db.retry import call_with_retry, describe, is_transient
 from service.results import MODEL_ARTIFACT_ATTR
 from service.states import JobState
-from service.trial_attrs import set_user_attrs
+from service.studies import count_finished_trials
+from service.trial_attrs import fail_trial, set_user_attrs
 from worker.runtime import JobRuntime
 from worker.training import (
     EpochMetrics,
@@ -42,6 +49,8 @@ from worker.trial_config import resolve_config, trial_seed
 log = logging.getLogger(__name__)
 
 REQUEUED_FROM_ATTR = "failed_trial"  # same key as Optuna's retry callback: the original number
+REQUEUE_OF_ATTR = "hpo_requeue_of"  # the number of the attempt this WAITING copy replaces
+WORKER_ATTR = "hpo_worker"  # host:pid of the worker running the trial (operators, fault tests)
 
 
 class JobCancelled(Exception):
@@ -60,6 +69,9 @@ class Outcome(StrEnum):
     CANCELLED = "cancelled"
     REQUEUED = "requeued"
     LOST = "lost"  # the trial was failed by someone else (stale heartbeat) while we ran it
+    # The database stayed away longer than storage_retry_s: the trial is left RUNNING with its
+    # heartbeat stopped, so the stale-trial reaper fails and re-queues it once the database is back.
+    ABANDONED = "abandoned"
 
 
 @dataclass
@@ -74,6 +86,84 @@ def original_number(study: optuna.Study, trial: optuna.Trial) -> int:
     """The number of the first attempt of this trial (a retry keeps its seed and data order)."""
     sa = study._storage.get_trial_system_attrs(trial._trial_id)
     return int(sa.get(REQUEUED_FROM_ATTR, trial.number))
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeat:
+    """One thread that beats for the given trials every heartbeat interval until stopped.
+
+    Unlike Optuna's own heartbeat thread, a failed beat (the database is away) is logged and tried
+    again at the next beat instead of ending the thread: a trial that rides out an outage must
+    still look alive when the database comes back.
+    """
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_ids: list[int]) -> None:
+        self.storage = storage
+        self.trial_ids = trial_ids
+        self.interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _beat(self) -> None:
+        assert self.interval is not None
+        failing = False
+        while True:
+            try:
+                for tid in self.trial_ids:
+                    self.storage.record_heartbeat(tid)  # type: ignore[attr-defined]
+                if failing:
+                    log.info("heartbeat of trials %s recorded again", self.trial_ids)
+                failing = False
+            except Exception as e:
+                if not failing:
+                    log.warning("heartbeat of trials %s failed: %s", self.trial_ids, describe(e))
+                failing = True
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        if self.interval is not None:
+            self._thread = threading.Thread(target=self._beat, name="hpo-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class _TrainingGate:
+    """Whether the main thread is inside training proper, where a stop deadline (SIGTERM, then
+    the stop grace period running out) may interrupt it mid-epoch. Storage writes, the epoch hook
+    and the finishing of a trial are never interrupted, so they cannot be left half done."""
+
+    training = False
+
+
+TRAINING_GATE = _TrainingGate()
+
+
+@contextmanager
+def _gate(training: bool) -> Iterator[None]:
+    previous = TRAINING_GATE.training
+    TRAINING_GATE.training = training
+    try:
+        yield
+    finally:
+        TRAINING_GATE.training = previous
+
+
+def interruptible() -> AbstractContextManager[None]:
+    """Mark training code that the stop deadline may interrupt (raising WorkerStopping)."""
+    return _gate(True)
+
+
+def uninterruptible() -> AbstractContextManager[None]:
+    return _gate(False)
 
 
 class JobStateProbe:
@@ -103,6 +193,11 @@ class TrialContext:
     probe: JobStateProbe
     should_stop: Callable[[], bool]
     on_epoch: Callable[[int, EpochMetrics], None] | None = None
+    # How long a storage write of a running trial is retried while the database is away.
+    storage_retry_s: float = defaults.STORAGE_RETRY_S
+
+    def retry(self, fn: Callable[[], Any], what: str) -> Any:
+        return call_with_retry(fn, deadline_s=self.storage_retry_s, what=what)
 
 
 def ask(rt: JobRuntime) -> optuna.Trial:
@@ -111,6 +206,24 @@ def ask(rt: JobRuntime) -> optuna.Trial:
         # thread around ask/tell ourselves, which is exactly what optimize does.
         warnings.simplefilter("ignore", UserWarning)
         return rt.study.ask()
+
+
+def claim(ctx: TrialContext, trial: optuna.Trial) -> None:
+    """Record which worker runs the trial (visible in the dashboard's system attributes)."""
+    storage = ctx.rt.study._storage
+    ctx.retry(
+        lambda: storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker_identity()),
+        f"claiming trial {trial.number}",
+    )
+
+
+def release_unasked(ctx: TrialContext, n: int = 1) -> None:
+    """Give back budget slots reserved for trials that were never asked (ask itself failed)."""
+    for _ in range(n):
+        try:
+            ctx.retry(lambda: ctx.jobs.release_slot(ctx.rt.job_id), "releasing a budget slot")
+        except Exception as e:
+            log.error("job %s: a budget slot could not be released: %s", ctx.rt.job_id, e)
 
 
 def prepare(rt: JobRuntime, trial: optuna.Trial) -> TrialConfig:
@@ -123,34 +236,44 @@ def prepare(rt: JobRuntime, trial: optuna.Trial) -> TrialConfig:
 
 def epoch_hook(ctx: TrialContext, trial: optuna.Trial) -> Callable[[EpochMetrics], None]:
     """Called after each epoch's validation: the one storage write per epoch (the intermediate
-    value), then the reasons to stop: shutdown, cancellation, pruning."""
+    value), then the reasons to stop: shutdown, cancellation, pruning. Storage calls ride out a
+    database outage of up to ``storage_retry_s``; a trial that another worker failed meanwhile
+    (our heartbeat went stale) raises UpdateFinishedTrialError here."""
     objective = ctx.rt.spec.objective
+    n = trial.number
 
     def hook(m: EpochMetrics) -> None:
-        value = m.val_accuracy if objective == "val_accuracy" else m.val_loss
-        if math.isfinite(value):
-            trial.report(value, m.epoch)
-        if ctx.on_epoch is not None:
-            ctx.on_epoch(trial.number, m)
-        if ctx.should_stop():
-            raise WorkerStopping("worker is shutting down")
-        if not ctx.probe.running():
-            raise JobCancelled("job is no longer running")
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
+        with uninterruptible():
+            value = m.val_accuracy if objective == "val_accuracy" else m.val_loss
+            if math.isfinite(value):
+                ctx.retry(lambda: trial.report(value, m.epoch), f"reporting trial {n}")
+            if ctx.on_epoch is not None:
+                ctx.on_epoch(trial.number, m)
+            if ctx.should_stop():
+                raise WorkerStopping("worker is shutting down")
+            if not ctx.retry(ctx.probe.running, f"checking job {ctx.rt.job_id}"):
+                raise JobCancelled("job is no longer running")
+            if ctx.retry(trial.should_prune, f"pruning check of trial {n}"):
+                raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
 
     return hook
 
 
 def run_trial(ctx: TrialContext) -> TrialOutcome:
     """Run one trial for a job whose budget slot the caller has already reserved."""
-    trial = ask(ctx.rt)
-    with get_heartbeat_thread(trial._trial_id, ctx.rt.study._storage):
+    try:
+        trial = ask(ctx.rt)
+    except BaseException:
+        release_unasked(ctx)
+        raise
+    with Heartbeat(ctx.rt.study._storage, [trial._trial_id]):
         try:
+            claim(ctx, trial)
             config = prepare(ctx.rt, trial)
-            result = train_trial(
-                config, ctx.rt.data, device=ctx.rt.device, on_epoch=epoch_hook(ctx, trial)
-            )
+            with interruptible():
+                result = train_trial(
+                    config, ctx.rt.data, device=ctx.rt.device, on_epoch=epoch_hook(ctx, trial)
+                )
         except Exception as e:
             return finish_interrupted(ctx, trial, e)
         return finish(ctx, trial, result)
@@ -158,66 +281,108 @@ def run_trial(ctx: TrialContext) -> TrialOutcome:
 
 def finish_interrupted(ctx: TrialContext, trial: optuna.Trial, exc: BaseException) -> TrialOutcome:
     """Map the exception that ended a trial to its state (the one place this mapping lives)."""
-    rt, jobs, number = ctx.rt, ctx.jobs, trial.number
+    try:
+        return _finish_interrupted(ctx, trial, exc)
+    except UpdateFinishedTrialError:
+        return _lost(ctx, trial)
+    except Exception as e:
+        if is_transient(e):
+            return _abandon(ctx, trial, e)
+        raise
+
+
+def _finish_interrupted(ctx: TrialContext, trial: optuna.Trial, exc: BaseException) -> TrialOutcome:
+    rt, number = ctx.rt, trial.number
+    if isinstance(exc, UpdateFinishedTrialError):
+        return _lost(ctx, trial)
+    if is_transient(exc):
+        # The database stayed away past storage_retry_s mid-trial; if it is back now, hand the
+        # same parameters to the next worker (this attempt's epochs are lost, nothing else).
+        reason = f"database unavailable: {describe(exc)}"
+        log.warning("trial %s of job %s: %s; re-queued", number, rt.job_id, reason)
+        return _fail(ctx, trial, Outcome.REQUEUED, reason=f"requeued: {reason}", requeue=True)
     if isinstance(exc, optuna.TrialPruned):
-        try:
-            return _tell(rt, jobs, trial, TrialState.PRUNED, Outcome.PRUNED, reason=str(exc))
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return TrialOutcome(Outcome.LOST, number, reason="finished elsewhere (stale heartbeat)")
+        return _tell(ctx, trial, TrialState.PRUNED, Outcome.PRUNED, reason=str(exc))
     if isinstance(exc, JobCancelled):
-        _fail(rt, jobs, trial, reason=f"cancelled: {exc}", counts_as_failure=False)
-        return TrialOutcome(Outcome.CANCELLED, number, reason=str(exc))
+        return _fail(ctx, trial, Outcome.CANCELLED, reason=f"cancelled: {exc}")
     if isinstance(exc, WorkerStopping):
-        _requeue(rt.study, trial, reason=str(exc))
-        _fail(rt, jobs, trial, reason=f"requeued: {exc}", counts_as_failure=False)
-        return TrialOutcome(Outcome.REQUEUED, number, reason=str(exc))
-    # The trial's own failure: recorded on the trial and counted against the job.
+        log.info("trial %s of job %s stopped (%s); re-queueing it", number, rt.job_id, exc)
+        return _fail(ctx, trial, Outcome.REQUEUED, reason=f"requeued: {exc}", requeue=True)
+    # The trial's own failure: recorded on the trial and counted against the job. A grid point
+    # is re-queued (the grid is complete only with every point); a random or TPE job samples
+    # new parameters instead. Either way max_trial_failures bounds the attempts.
     reason = f"{type(exc).__name__}: {exc}"
     log.warning("trial %s of job %s failed: %s", number, rt.job_id, reason)
-    _fail(rt, jobs, trial, reason=reason, counts_as_failure=True)
-    return TrialOutcome(Outcome.FAILED, number, reason=reason)
+    return _fail(
+        ctx,
+        trial,
+        Outcome.FAILED,
+        reason=reason,
+        counts_as_failure=True,
+        requeue=rt.spec.sampler.type == "grid",
+    )
+
+
+def _lost(ctx: TrialContext, trial: optuna.Trial) -> TrialOutcome:
+    # Our heartbeat went stale (e.g. SIGSTOP) and the trial was failed and retried elsewhere:
+    # the late report is dropped so the trial is not counted twice.
+    log.warning(
+        "trial %s of job %s was finished elsewhere (stale heartbeat); late result dropped",
+        trial.number,
+        ctx.rt.job_id,
+    )
+    return TrialOutcome(Outcome.LOST, trial.number, reason="finished elsewhere (stale heartbeat)")
+
+
+def _abandon(ctx: TrialContext, trial: optuna.Trial, exc: BaseException) -> TrialOutcome:
+    reason = f"database unavailable for more than {ctx.storage_retry_s:g}s: {describe(exc)}"
+    log.error(
+        "trial %s of job %s abandoned (%s); the stale-trial reaper will fail and re-queue it",
+        trial.number,
+        ctx.rt.job_id,
+        reason,
+    )
+    return TrialOutcome(Outcome.ABANDONED, trial.number, reason=reason)
 
 
 def finish(ctx: TrialContext, trial: optuna.Trial, result: TrialResult) -> TrialOutcome:
     """Record a trained trial's result and tell it."""
     try:
-        return _finish(ctx.rt, ctx.jobs, ctx.artifact_store, trial, result)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        # Our heartbeat went stale (e.g. SIGSTOP) and the trial was failed and retried elsewhere:
-        # the late report is dropped so the trial is not counted twice.
-        log.warning(
-            "trial %s of job %s was finished elsewhere; late result dropped",
-            trial.number,
-            ctx.rt.job_id,
-        )
-        return TrialOutcome(
-            Outcome.LOST, trial.number, reason="finished elsewhere (stale heartbeat)"
-        )
+        return _finish(ctx, trial, result)
+    except UpdateFinishedTrialError:
+        return _lost(ctx, trial)
+    except Exception as e:
+        if is_transient(e):
+            return _abandon(ctx, trial, e)
+        raise
 
 
-def _finish(
-    rt: JobRuntime,
-    jobs: JobStore,
-    artifact_store: FileSystemArtifactStore,
-    trial: optuna.Trial,
-    result: TrialResult,
-) -> TrialOutcome:
+def _finish(ctx: TrialContext, trial: optuna.Trial, result: TrialResult) -> TrialOutcome:
+    rt, n = ctx.rt, trial.number
     study = rt.study
     attrs = _result_attrs(result, target=rt.spec.training.target_accuracy)
+    if not result.diverged and result.best_val_accuracy is not None:
+        # The lectures' overfitting measure: train minus validation accuracy of the kept model,
+        # both in evaluation mode (the running train accuracy has dropout on and lags the epoch).
+        _, train_acc = evaluate(result.model, rt.data.X_train, rt.data.y_train)
+        attrs["train_accuracy"] = train_acc
+        attrs["train_val_gap"] = train_acc - result.best_val_accuracy
     if result.diverged:
         # Diverged: stopped at once, recorded as PRUNED with the reason; only COMPLETE trials are
         # ranked, so it can never be the best trial, and it uses its budget slot like any result.
-        set_user_attrs(study, trial, attrs)
-        return _tell(
-            rt, jobs, trial, TrialState.PRUNED, Outcome.DIVERGED, reason=result.diverged_reason
-        )
+        ctx.retry(lambda: set_user_attrs(study, trial, attrs), f"recording trial {n}")
+        return _tell(ctx, trial, TrialState.PRUNED, Outcome.DIVERGED, reason=result.diverged_reason)
     value = result.best_value
     if value is None:  # no epoch finished (cannot happen with max_epochs >= 1); never ranked
-        return _tell(rt, jobs, trial, TrialState.PRUNED, Outcome.PRUNED, reason="no epoch finished")
-    if _is_new_best(study, value):
-        attrs.update(_save_best(rt, trial, result, artifact_store))
-    set_user_attrs(study, trial, attrs)
-    return _tell(rt, jobs, trial, value, Outcome.COMPLETE, value=value)
+        return _tell(ctx, trial, TrialState.PRUNED, Outcome.PRUNED, reason="no epoch finished")
+    if ctx.retry(lambda: _is_new_best(study, value), f"best of job {rt.job_id}"):
+        attrs.update(
+            ctx.retry(
+                lambda: _save_best(rt, trial, result, ctx.artifact_store), f"saving trial {n}"
+            )
+        )
+    ctx.retry(lambda: set_user_attrs(study, trial, attrs), f"recording trial {n}")
+    return _tell(ctx, trial, value, Outcome.COMPLETE, value=value)
 
 
 def _result_attrs(result: TrialResult, *, target: float | None = None) -> dict[str, Any]:
@@ -234,9 +399,7 @@ def _result_attrs(result: TrialResult, *, target: float | None = None) -> dict[s
     }
     best = next((h for h in result.history if h["epoch"] == result.best_epoch), None)
     if best is not None:
-        # The lectures' overfitting measure: train minus validation accuracy at the kept epoch.
-        attrs["train_val_gap"] = best["train_accuracy"] - best["val_accuracy"]
-        attrs["best_train_accuracy"] = best["train_accuracy"]
+        attrs["best_train_accuracy"] = best["train_accuracy"]  # running, with dropout on
     if target is not None:
         attrs["epochs_to_target"] = next(
             (h["epoch"] for h in result.history if h["val_accuracy"] >= target), None
@@ -290,8 +453,7 @@ def _fixed_params(rt: JobRuntime) -> dict[str, Any]:
 
 
 def _tell(
-    rt: JobRuntime,
-    jobs: JobStore,
+    ctx: TrialContext,
     trial: optuna.Trial,
     value_or_state: float | TrialState,
     outcome: Outcome,
@@ -299,32 +461,90 @@ def _tell(
     value: float | None = None,
     reason: str | None = None,
 ) -> TrialOutcome:
-    if isinstance(value_or_state, TrialState):
-        rt.study.tell(trial, state=value_or_state)
-    else:
-        rt.study.tell(trial, value_or_state)
-    job = jobs.record_finished(rt.job_id)
+    rt = ctx.rt
+    told = ctx.retry(lambda: _tell_once(rt.study, trial, value_or_state), f"telling {trial.number}")
+    if not told:
+        return _lost(ctx, trial)
+    job = ctx.retry(lambda: sync_finished(rt.study, ctx.jobs, rt.job_id), "counting trials")
     if job.finished >= job.n_trials:
-        jobs.try_transition(rt.job_id, JobState.SUCCEEDED)
+        ctx.retry(
+            lambda: ctx.jobs.try_transition(rt.job_id, JobState.SUCCEEDED),
+            f"finishing job {rt.job_id}",
+        )
     return TrialOutcome(outcome, trial.number, value=value, reason=reason)
 
 
-def _fail(
-    rt: JobRuntime, jobs: JobStore, trial: optuna.Trial, *, reason: str, counts_as_failure: bool
-) -> None:
+def _tell_once(
+    study: optuna.Study, trial: optuna.Trial, value_or_state: float | TrialState
+) -> bool:
+    """Tell the trial; True if it is now finished by us, False if someone else finished it.
+
+    Safe to repeat after a dropped connection: a COMPLETE or PRUNED trial can only have been told
+    by its own worker (the reaper only ever fails trials; a retry is a new trial), so finding our
+    trial finished that way means an earlier attempt went through."""
+    frozen = study._storage.get_trial(trial._trial_id)
+    if frozen.state.is_finished():
+        return frozen.state != TrialState.FAIL
     try:
-        set_user_attrs(rt.study, trial, {"fail_reason": reason})
-        rt.study.tell(trial, state=TrialState.FAIL)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return  # already failed by the stale-trial reaper, which released the slot
-    jobs.release_slot(rt.job_id, failed=counts_as_failure)
+        if isinstance(value_or_state, TrialState):
+            study.tell(trial, state=value_or_state)
+        else:
+            study.tell(trial, value_or_state)
+    except UpdateFinishedTrialError:
+        return False
+    except ValueError:  # "Cannot tell a FAIL trial": failed between our read and our tell
+        frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state.is_finished():
+            return frozen.state != TrialState.FAIL
+        raise
+    return True
+
+
+def sync_finished(study: optuna.Study, jobs: JobStore, job_id: str) -> Job:
+    """Set the job's finished count from the study (COMPLETE + PRUNED); see JobStore.sync_finished."""
+    return jobs.sync_finished(job_id, count_finished_trials(study._storage, study._study_id))
+
+
+def _fail(
+    ctx: TrialContext,
+    trial: optuna.Trial,
+    outcome: Outcome,
+    *,
+    reason: str,
+    counts_as_failure: bool = False,
+    requeue: bool = False,
+) -> TrialOutcome:
+    """Fail the trial (and re-queue its parameters), then give its budget slot back.
+
+    Each step is retried while the database is away; failing is idempotent (fail_trial), and
+    re-queueing happens only if we failed the trial: when the stale-trial reaper failed it first,
+    its retry callback has already re-queued it and released the slot."""
+    rt, n = ctx.rt, trial.number
+    ours = ctx.retry(lambda: fail_trial(rt.study, trial._trial_id, reason), f"failing trial {n}")
+    if not ours:
+        return _lost(ctx, trial)
+    if requeue:
+        ctx.retry(lambda: _requeue(rt.study, trial, reason=reason), f"re-queueing trial {n}")
+    ctx.retry(
+        lambda: ctx.jobs.release_slot(rt.job_id, failed=counts_as_failure),
+        f"releasing the slot of trial {n}",
+    )
+    return TrialOutcome(outcome, n, reason=reason)
 
 
 def _requeue(study: optuna.Study, trial: optuna.Trial, *, reason: str) -> None:
-    """Put the trial's parameters back as WAITING so the next worker runs them (same seed)."""
-    frozen = study._storage.get_trial(trial._trial_id)
-    system_attrs = {**frozen.system_attrs}
+    """Put the trial's parameters back as WAITING so the next worker runs them (same seed).
+    Idempotent: a WAITING copy made by an earlier attempt is not made twice."""
+    storage = study._storage
+    frozen = storage.get_trial(trial._trial_id)
+    for t in storage.get_all_trials(study._study_id, deepcopy=False):
+        if t.system_attrs.get(REQUEUE_OF_ATTR) == frozen.number:
+            return
+    system_attrs = {
+        k: v for k, v in frozen.system_attrs.items() if k not in (WORKER_ATTR, "requeue_reason")
+    }
     system_attrs.setdefault(REQUEUED_FROM_ATTR, frozen.number)
+    system_attrs[REQUEUE_OF_ATTR] = frozen.number
     system_attrs["requeue_reason"] = reason
     study.add_trial(
         optuna.trial.create_trial(

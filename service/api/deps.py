@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import optuna
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.security import owner_for
 from service.config import Settings
@@ -24,10 +25,18 @@ def get_storage(request: Request) -> optuna.storages.BaseStorage:
     return request.app.state.storage  # type: ignore[no-any-return]
 
 
+# Documents the scheme in OpenAPI (clients and fuzzers send the token); the check is owner_for.
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="Set when the server has HPO_API_TOKENS: `Authorization: Bearer <token>`.",
+)
+
+
 def get_owner(
-    request: Request, authorization: Annotated[str | None, Header(include_in_schema=False)] = None
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
 ) -> str:
-    return owner_for(authorization, request.app.state.settings)
+    return owner_for(request.headers.get("authorization"), request.app.state.settings)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

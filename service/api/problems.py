@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.db.retry import describe, is_transient
 from service.errors import HPOError, SpecError, TooManyJobsError
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,13 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
-def _loc_to_field(loc: tuple[Any, ...] | list[Any]) -> str:
-    from service.spec import _is_union_tag
+def _field_and_message(loc: tuple[Any, ...] | list[Any], msg: str) -> tuple[str, str]:
+    from service.spec import error_location
 
-    parts = [
-        str(p) for p in loc if p not in ("body", "query", "path", "header") and not _is_union_tag(p)
-    ]
-    return ".".join(parts) or "body"
+    parts, msg = error_location(
+        [p for p in loc if p not in ("body", "query", "path", "header")], msg
+    )
+    return ".".join(parts) or "body", msg
 
 
 def install_problem_handlers(app: FastAPI) -> None:
@@ -73,7 +74,14 @@ def install_problem_handlers(app: FastAPI) -> None:
             msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
             if e.get("type") == "extra_forbidden":
                 msg = "unknown field (not part of the job spec)"
-            errors.append({"field": _loc_to_field(e.get("loc", ())), "message": msg})
+            if e.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+                loc = e.get("loc", ())
+                at = f" at character {loc[-1]}" if len(loc) > 1 else ""
+                reason = (e.get("ctx") or {}).get("error", "")
+                errors.append({"field": "body", "message": f"not valid JSON{at}: {reason}"})
+                continue
+            field, msg = _field_and_message(e.get("loc", ()), msg)
+            errors.append({"field": field, "message": msg})
         detail = "; ".join(f"{x['field']}: {x['message']}" for x in errors) or "invalid request"
         return problem(
             422,
@@ -107,7 +115,7 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DBAPIError)
     async def _db_error(request: Request, exc: DBAPIError) -> JSONResponse:
-        if exc.connection_invalidated:
+        if exc.connection_invalidated or is_transient(exc):
             return problem(
                 503,
                 "Database unavailable",
@@ -122,6 +130,15 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        if is_transient(exc):  # e.g. Optuna's StorageInternalError wrapping a dropped connection
+            log.warning("database unavailable: %s", describe(exc))
+            return problem(
+                503,
+                "Database unavailable",
+                "the database cannot be reached right now; retry shortly",
+                instance=request.url.path,
+                headers={"Retry-After": "5"},
+            )
         log.exception("unhandled error on %s", request.url.path)
         return problem(
             500,

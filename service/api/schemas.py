@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.spec import JobSpec
 
@@ -74,6 +74,10 @@ class TrialPublic(BaseModel):
     reason: str | None = None
     duration_s: float | None = None
     retry_of: int | None = None
+    train_accuracy: float | None = Field(default=None, description="Kept model, evaluation mode.")
+    train_val_gap: float | None = Field(default=None, description="train_accuracy - best val accuracy.")
+    epochs_to_target: int | None = Field(default=None, description="With training.target_accuracy.")
+    test_accuracy: float | None = Field(default=None, description="Only for trials that were a new best.")
 
 
 class TrialDetail(TrialPublic):
@@ -124,3 +128,30 @@ class SearchSpaceSummary(BaseModel):
 class Health(BaseModel):
     status: str
     detail: str | None = None
+
+
+class ProblemItem(BaseModel):
+    field: str
+    message: str
+    location: str | None = None
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (``application/problem+json``): every error answer."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    field: str | None = Field(default=None, description="Where the problem is (dotted path).")
+    errors: list[ProblemItem] | None = Field(default=None, description="Every problem found.")
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries for error statuses (moved to problem+json by the app)."""
+    from http import HTTPStatus
+
+    return {code: {"model": Problem, "description": HTTPStatus(code).phrase} for code in codes}

@@ -5,10 +5,15 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from service.config import Settings
 from service.errors import AuthError, HPOError
 
 LOCAL_OWNER = "local"
+# Probes (docker, kubernetes) carry no token; they reveal nothing but "alive" / "database up".
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 class UnsafeBindError(HPOError, PermissionError):
@@ -49,3 +54,35 @@ def owner_for(authorization: str | None, settings: Settings) -> str:
         if hmac.compare_digest(token.encode(), presented.encode()):
             return owner
     raise AuthError("invalid bearer token", field="Authorization")
+
+
+class BearerAuthMiddleware:
+    """With tokens configured, every request except PUBLIC_PATHS needs a valid bearer token:
+    also the OpenAPI document, the docs pages and paths that do not exist (401, not 404, so
+    nothing can be probed without a token). Routes still learn the owner through ``OwnerDep``."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.enabled = bool(settings.token_owners())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.enabled or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            owner_for(Headers(scope=scope).get("authorization"), self.settings)
+        except AuthError as e:
+            from service.api.problems import problem
+
+            response = problem(
+                e.status_code,
+                e.title,
+                str(e),
+                instance=scope["path"],
+                headers={"WWW-Authenticate": "Bearer"},
+                field=e.field,
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -85,7 +85,9 @@ class SyntheticSpec(_Spec):
         if k > self.n_features:
             raise ValueError(f"n_informative={k} exceeds n_features={self.n_features}")
         clusters = self.n_classes * self.n_clusters_per_class
-        if clusters > 2**k:
+        # Compare bit lengths first: 2**k for a k in the billions (a hostile spec) would take
+        # minutes and gigabytes to compute, and clusters is small anyway.
+        if k < clusters.bit_length() and clusters > 2**k:
             raise ValueError(
                 f"n_classes * n_clusters_per_class = {self.n_classes} * "
                 f"{self.n_clusters_per_class} = {clusters} clusters do not fit on the "

@@ -236,6 +236,23 @@ class JobStore:
             s.refresh(job)
             return job
 
+    def sync_finished(self, job_id: str, n_done: int) -> Job:
+        """Raise ``finished`` to ``n_done`` (the study's COMPLETE + PRUNED count) if it is lower;
+        returns the job. Setting a count read from the study, never adding one, makes this safe to
+        repeat: a worker that told a trial and a reaper that counted it cannot both add it, and a
+        count lost to a dropped connection is restored by the next call."""
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.finished < n_done)
+                .values(finished=n_done, updated_at=utcnow())
+            )
+            job = s.get(Job, job_id)
+            if job is None:
+                raise NotFoundError(f"no job with id {job_id!r}", field="job_id")
+            s.refresh(job)
+            return job
+
     # Deletion ---------------------------------------------------------------------------------
     def delete(self, job_id: str) -> bool:
         with Session(self.engine) as s, s.begin():

@@ -12,21 +12,19 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
+from search_spaces.schema import ACTIVATIONS as _ACTIVATIONS
+from search_spaces.schema import INITS as _INITS
+from search_spaces.schema import LR_SCHEDULES as _LR_SCHEDULES
+from search_spaces.schema import OPTIMIZERS as _OPTIMIZERS
 from service import defaults
 from service.errors import SpecError
 
-ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "elu", "selu", "gelu", "tanh", "sigmoid")
-INITS: tuple[str, ...] = (
-    "xavier_uniform",
-    "xavier_normal",
-    "he_uniform",
-    "he_normal",
-    "lecun_normal",
-    "normal_0.01",  # N(0, 0.01^2): the lectures' "too small" baseline
-    "orthogonal",
-)
-OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
-LR_SCHEDULES: tuple[str, ...] = ("none", "exponential", "cosine")
+# One vocabulary for the whole project: the search-space schema (the lowest layer) owns it, so a
+# value the API accepts is always one the trainer knows.
+ACTIVATIONS: tuple[str, ...] = _ACTIVATIONS
+INITS: tuple[str, ...] = _INITS  # normal_0.01 is N(0, 0.01^2), the lectures' "too small" baseline
+OPTIMIZERS: tuple[str, ...] = _OPTIMIZERS
+LR_SCHEDULES: tuple[str, ...] = _LR_SCHEDULES
 OBJECTIVES: tuple[str, ...] = ("val_accuracy", "val_loss")
 
 # Which optimizers read which optional knob; passing a knob to another optimizer is an error

@@ -96,6 +96,9 @@ class TrialResult:
     seed: int
     objective: str
     model: nn.Module = field(repr=False)
+    # Set only by the population trainer, to the exception its on_epoch raised for this trial
+    # (the trial stopped there, best weights restored); train_trial raises it instead.
+    interrupted: BaseException | None = None
 
     def raise_if_diverged(self) -> None:
         """Raise ``TrialDivergedError`` for a diverged trial (for callers that fail on it)."""

@@ -1,0 +1,134 @@
+"""Read-side views: trial rows, counts, and the best trial (never a diverged one; among ties the
+one whose weights were saved)."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from service.results import (
+    MODEL_ARTIFACT_ATTR,
+    best_trial,
+    best_view,
+    state_counts,
+    top_trials,
+    trial_row,
+)
+
+D = {"learning_rate": FloatDistribution(1e-4, 1.0, log=True)}
+
+
+def add(
+    study: optuna.Study,
+    value: float | None,
+    state: TrialState = TrialState.COMPLETE,
+    **attrs: object,
+) -> None:
+    study.add_trial(
+        create_trial(
+            state=state,
+            value=value if state == TrialState.COMPLETE else None,
+            params={"learning_rate": 0.01},
+            distributions=D,
+            user_attrs=attrs,
+            intermediate_values={0: 0.5, 1: 0.6} if state != TrialState.WAITING else None,
+        )
+    )
+
+
+def study(direction: str = "maximize") -> optuna.Study:
+    return optuna.create_study(direction=direction)
+
+
+def test_best_is_none_without_complete_trials() -> None:
+    s = study()
+    add(s, None, TrialState.PRUNED, diverged=True)
+    assert best_trial(s) is None
+
+
+def test_diverged_and_pruned_trials_are_never_best() -> None:
+    s = study()
+    add(s, 0.5)
+    add(s, None, TrialState.PRUNED, diverged=True, diverged_reason="loss is nan")
+    add(s, None, TrialState.FAIL)
+    t = best_trial(s)
+    assert t is not None and t.number == 0
+
+
+def test_direction() -> None:
+    s = study("minimize")
+    add(s, 0.3)
+    add(s, 0.1)
+    add(s, 0.2)
+    assert best_trial(s).number == 1  # type: ignore[union-attr]
+    assert [t.number for t in top_trials(s, 2)] == [1, 2]
+
+
+def test_ties_prefer_the_trial_with_saved_weights() -> None:
+    # Two workers: trial 0 and trial 1 tie; trial 1 finished first and saved its weights, trial 0
+    # finished later and (not strictly better) saved none. /best must name the one with a model.
+    s = study()
+    add(s, 0.9)
+    add(s, 0.9, **{MODEL_ARTIFACT_ATTR: "abc"})
+    add(s, 0.8, **{MODEL_ARTIFACT_ATTR: "old"})
+    assert best_trial(s).number == 1  # type: ignore[union-attr]
+    assert best_view(s)["model_artifact_id"] == "abc"
+
+
+def test_ties_without_weights_break_toward_the_earlier_trial() -> None:
+    s = study()
+    add(s, 0.7)
+    add(s, 0.9)
+    add(s, 0.9)
+    assert best_trial(s).number == 1  # type: ignore[union-attr]
+
+
+def test_best_view_carries_fixed_params_into_the_config() -> None:
+    s = study()
+    add(s, 0.9, best_val_accuracy=0.9, best_epoch=3, epochs_run=5, test_accuracy=0.88)
+    view = best_view(s, fixed={"optimizer": "sgd"})
+    assert view["config"] == {"optimizer": "sgd", "learning_rate": 0.01}
+    assert (view["value"], view["val_accuracy"], view["test_accuracy"]) == (0.9, 0.9, 0.88)
+    assert (view["best_epoch"], view["epochs_run"]) == (3, 5)
+
+
+def test_trial_row_and_counts() -> None:
+    s = study()
+    add(s, 0.9, epochs_run=2, duration_s=1.5)
+    add(s, None, TrialState.PRUNED, diverged=True, diverged_reason="loss is inf")
+    add(s, None, TrialState.WAITING)
+    rows = [trial_row(t, with_history=True) for t in s.get_trials()]
+    assert (
+        rows[0]["state"] == "complete" and rows[0]["value"] == 0.9 and rows[0]["duration_s"] == 1.5
+    )
+    assert rows[0]["intermediate_values"] == {"0": 0.5, "1": 0.6}
+    assert (
+        rows[1]["diverged"] is True
+        and rows[1]["reason"] == "loss is inf"
+        and rows[1]["value"] is None
+    )
+    assert rows[2]["state"] == "waiting"
+    counts = state_counts(s.get_trials())
+    assert (counts["complete"], counts["pruned"], counts["waiting"], counts["diverged"]) == (
+        1,
+        1,
+        1,
+        1,
+    )
+
+
+def test_non_finite_intermediate_values_become_none() -> None:
+    s = study()
+    s.add_trial(
+        create_trial(
+            state=TrialState.PRUNED,
+            params={"learning_rate": 5.0 / 10},
+            distributions=D,
+            intermediate_values={0: 0.4, 1: math.inf},
+        )
+    )
+    row = trial_row(s.get_trials()[0], with_history=True)
+    assert row["intermediate_values"] == {"0": 0.4, "1": None}

@@ -1,0 +1,132 @@
+"""Optuna glue: storage on the shared database, samplers and pruners from the spec, grid
+enqueueing (exactly one WAITING trial per grid point, also when the study is created twice)."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from service.config import Settings
+from service.spec import JobSpec
+from service.studies import (
+    GRID_ENQUEUED_ATTR,
+    JOB_ID_ATTR,
+    SPEC_ATTR,
+    create_job_study,
+    load_job_study,
+    make_pruner,
+    make_sampler,
+    make_storage,
+)
+from tests.support.specs import grid_spec, random_spec
+
+
+def key(params: dict[str, object]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def test_grid_job_enqueues_each_point_once(database_url: str) -> None:
+    storage = make_storage(database_url, Settings())
+    spec = JobSpec.model_validate(grid_spec())
+    study = create_job_study(storage, "g", spec, job_id="j1", max_grid_size=100)
+    # created again (a retried submit, a second API replica): nothing is enqueued twice
+    create_job_study(storage, "g", spec, job_id="j1", max_grid_size=100)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 16
+    assert all(t.state == TrialState.WAITING for t in trials)
+    points = {key(t.params) for t in trials}
+    assert points == {key(p) for p in spec.grid_points(limit=100)}
+    assert storage.get_study_system_attrs(study._study_id)[GRID_ENQUEUED_ATTR] is True
+    assert study.user_attrs[JOB_ID_ATTR] == "j1"
+    assert JobSpec.model_validate(study.user_attrs[SPEC_ATTR]) == spec
+
+
+def test_grid_points_are_popped_once_each(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    storage = make_storage(url, Settings())
+    spec = JobSpec.model_validate(grid_spec())
+    create_job_study(storage, "g", spec, job_id="j", max_grid_size=100)
+    study = load_job_study(storage, "g", spec)
+    asked = []
+    for _ in range(16):
+        t = study.ask()
+        asked.append(key(t.params))
+        study.tell(t, 0.5)
+    assert len(set(asked)) == 16
+    # nothing waits any more: a 17th ask samples fresh parameters instead of repeating a point
+    assert not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+
+
+def test_grid_with_fixed_and_conditional_parameters() -> None:
+    storage = optuna.storages.InMemoryStorage()
+    spec = JobSpec.model_validate(
+        random_spec(
+            sampler={"type": "grid"},
+            n_trials=None,
+            search_space={
+                "parameters": {
+                    "init": {"type": "fixed", "value": "he_normal"},
+                    "optimizer": {"type": "categorical", "choices": ["sgd", "momentum"]},
+                    "momentum": {
+                        "type": "categorical",
+                        "choices": [0.5, 0.9],
+                        "when": {"optimizer": ["momentum"]},
+                    },
+                }
+            },
+        )
+    )
+    study = create_job_study(storage, "c", spec, job_id="j", max_grid_size=10)
+    params = sorted(key(t.params) for t in study.get_trials(deepcopy=False))
+    # fixed parameters are not trial parameters; momentum only where the optimizer uses it
+    assert params == sorted(
+        key(p)
+        for p in [
+            {"optimizer": "sgd"},
+            {"optimizer": "momentum", "momentum": 0.5},
+            {"optimizer": "momentum", "momentum": 0.9},
+        ]
+    )
+
+
+def test_random_job_enqueues_nothing() -> None:
+    storage = optuna.storages.InMemoryStorage()
+    study = create_job_study(
+        storage, "r", JobSpec.model_validate(random_spec()), job_id="j", max_grid_size=10
+    )
+    assert study.get_trials() == []
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def test_val_loss_objective_minimizes() -> None:
+    storage = optuna.storages.InMemoryStorage()
+    spec = JobSpec.model_validate(random_spec(objective="val_loss"))
+    study = create_job_study(storage, "r", spec, job_id="j", max_grid_size=10)
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+
+
+@pytest.mark.parametrize(
+    ("pruner", "cls"),
+    [
+        ({"type": "none"}, optuna.pruners.NopPruner),
+        (
+            {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
+            optuna.pruners.MedianPruner,
+        ),
+        ({"type": "percentile", "percentile": 40}, optuna.pruners.PercentilePruner),
+        ({"type": "successive_halving"}, optuna.pruners.SuccessiveHalvingPruner),
+        ({"type": "hyperband", "min_resource": 1}, optuna.pruners.HyperbandPruner),
+    ],
+)
+def test_pruners(pruner: dict[str, object], cls: type) -> None:
+    assert isinstance(make_pruner(JobSpec.model_validate(random_spec(pruner=pruner))), cls)
+
+
+def test_samplers_are_seeded() -> None:
+    tpe = make_sampler(JobSpec.model_validate(random_spec(sampler={"type": "tpe", "seed": 3})))
+    assert isinstance(tpe, optuna.samplers.TPESampler)
+    rnd = make_sampler(JobSpec.model_validate(random_spec(sampler={"type": "random", "seed": 3})))
+    assert isinstance(rnd, optuna.samplers.RandomSampler)

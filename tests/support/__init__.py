@@ -1,0 +1,1 @@
+"""Shared test helpers: a fresh PostgreSQL database per test, real `hpo` subprocesses, job specs."""

@@ -1,0 +1,48 @@
+"""Per-process job state: the dataset is loaded and split once per job, as the spec says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.config import Settings
+from service.db import JobStore, create_schema, make_engine
+from service.spec import JobSpec
+from service.studies import make_storage
+from service.submission import submit
+from tests.support.specs import random_spec
+from worker.runtime import RuntimeCache, describe, subsample
+
+
+def test_runtime_is_loaded_once_per_job(tmp_path: Path) -> None:
+    s = Settings(data_root=tmp_path)
+    engine = make_engine(s.resolved_database_url)
+    create_schema(engine)
+    jobs, storage = JobStore(engine), make_storage(s.resolved_database_url, s)
+    spec = JobSpec.model_validate(
+        random_spec(training={"validation_split": 0.25, "test_split": 0.1})
+    )
+    job, _ = submit(spec, settings=s, jobs=jobs, storage=storage)
+    cache = RuntimeCache(s, storage)
+    rt = cache.get(job)
+    assert cache.get(job) is rt
+    d = describe(rt)
+    # digits, 1797 rows: ceil(0.1 * 1797) = 180 test, ceil(0.25 * 1797) = 450 validation
+    assert (d["train"], d["val"], d["test"]) == (1797 - 450 - 180, 450, 180)
+    assert (d["features"], d["classes"]) == (64, 10)
+    cache.forget(job.id)
+    assert cache.get(job) is not rt
+
+
+def test_train_subset_is_stratified_and_seeded() -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(1000, 3)).astype(np.float32)
+    y = np.repeat(np.arange(10), 100)
+    Xa, ya = subsample(X, y, 300, seed=4)
+    Xb, yb = subsample(X, y, 300, seed=4)
+    assert np.array_equal(Xa, Xb) and np.array_equal(ya, yb)
+    assert np.bincount(ya).tolist() == [30] * 10
+    assert not np.array_equal(subsample(X, y, 300, seed=5)[1], ya) or not np.array_equal(
+        subsample(X, y, 300, seed=5)[0], Xa
+    )

@@ -1,0 +1,235 @@
+"""The worker loop in-process on a real SQLite file: budgets, grids, divergence, cancellation,
+jobs that cannot start, and a dead worker's trial retried with the same parameters."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search_spaces import load_preset
+from search_spaces.sampling import suggest
+from service.config import Settings
+from service.db import Job, JobStore, create_schema, make_engine
+from service.spec import JobSpec
+from service.states import JobState
+from service.studies import create_job_study, make_storage
+from service.submission import submit
+from tests.support.specs import grid_spec, random_spec
+from worker.loop import Worker
+from worker.trial_config import trial_seed
+
+PROBE_S = 0.5  # JobStateProbe: a worker re-reads its job's state at most this often
+
+
+@dataclass
+class Env:
+    settings: Settings
+    jobs: JobStore
+    storage: optuna.storages.BaseStorage
+
+    def submit(self, spec: dict[str, Any] | JobSpec) -> Job:
+        s = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
+        return submit(s, settings=self.settings, jobs=self.jobs, storage=self.storage)[0]
+
+    def study(self, job: Job) -> optuna.Study:
+        return optuna.load_study(study_name=job.study_name, storage=self.storage)
+
+    def worker(self, **kw: Any) -> Worker:
+        return Worker(self.settings, **kw)
+
+
+def make_env(root: Path, **settings: Any) -> Env:
+    s = Settings(data_root=root, **settings)
+    engine = make_engine(s.resolved_database_url)
+    create_schema(engine)
+    return Env(s, JobStore(engine), make_storage(s.resolved_database_url, s))
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return make_env(tmp_path / "data")
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def assert_exact_budget(env: Env, job: Job) -> None:
+    fresh = env.jobs.get(job.id)
+    study = env.study(job)
+    assert fresh.state == "succeeded", (fresh.state, fresh.error)
+    assert len(finished(study)) == fresh.n_trials == fresh.finished
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+@pytest.mark.parametrize("population", [1, None], ids=["sequential", "auto-population"])
+def test_a_job_runs_exactly_its_budget(env: Env, population: int | None) -> None:
+    env.settings = env.settings.model_copy(update={"population": population})
+    job = env.submit(random_spec(n_trials=5))
+    assert env.worker(once=True).run() == 5
+    assert_exact_budget(env, job)
+    for t in finished(env.study(job)):
+        assert t.user_attrs["epochs_run"] == 2
+        assert sorted(t.intermediate_values) == [1, 2]
+        assert ("momentum" in t.params) == (t.params["optimizer"] in ("momentum", "nesterov"))
+
+
+@pytest.mark.slow
+def test_population_results_equal_sequential_results(tmp_path: Path) -> None:
+    """The invariant that makes population training safe, end to end through the worker: every
+    optimizer, init, learning rate and weight decay of the default space, dropout 0. (With dropout
+    the stack shares one mask generator, so members match their solo selves only in distribution.)"""
+    space = load_preset("default").model_dump(mode="json", exclude_none=True)
+    space["parameters"]["dropout"] = {"type": "fixed", "value": 0.0}
+    spec = random_spec(n_trials=8, search_space=space, training={"max_epochs": 3})
+    runs = {}
+    for population in (1, 8):
+        env = make_env(tmp_path / f"p{population}", population=population)
+        job = env.submit(spec)
+        env.worker(once=True).run()
+        assert_exact_budget(env, job)
+        runs[population] = sorted(env.study(job).trials, key=lambda t: t.number)
+    n_val = 360  # digits: ceil(0.2 * 1797)
+    for a, b in zip(runs[1], runs[8], strict=True):
+        assert a.params == b.params and a.state == b.state
+        assert a.user_attrs["seed"] == b.user_attrs["seed"]
+        if a.state == TrialState.COMPLETE:
+            assert abs(a.value - b.value) <= 1 / n_val, (a.number, a.params, a.value, b.value)
+            assert a.user_attrs["best_val_loss"] == pytest.approx(
+                b.user_attrs["best_val_loss"], rel=1e-4
+            ), (a.number, a.params)
+
+
+def test_max_trials_is_respected(env: Env) -> None:
+    job = env.submit(random_spec(n_trials=5))
+    assert env.worker(once=True, max_trials=2).run() == 2
+    fresh = env.jobs.get(job.id)
+    assert fresh.state == "running" and fresh.finished == 2 and fresh.reserved == 2
+    assert len(env.study(job).trials) == 2
+    assert env.worker(once=True).run() == 3  # a second worker finishes the rest
+    assert_exact_budget(env, job)
+
+
+def test_grid_job_runs_each_point_once(env: Env) -> None:
+    spec = JobSpec.model_validate(grid_spec(training={"max_epochs": 1}))
+    job = env.submit(spec)
+    env.worker(once=True).run()
+    assert_exact_budget(env, job)
+    got = sorted(json.dumps(t.params, sort_keys=True) for t in env.study(job).trials)
+    assert got == sorted(json.dumps(p, sort_keys=True) for p in spec.grid_points(limit=100))
+
+
+def test_diverged_trials_are_recorded_and_never_best(env: Env) -> None:
+    space = {
+        "parameters": {
+            "optimizer": {"type": "fixed", "value": "sgd"},
+            "learning_rate": {"type": "categorical", "choices": [50.0, 0.5]},
+        }
+    }
+    job = env.submit(random_spec(n_trials=6, search_space=space, sampler={"seed": 0}))
+    env.worker(once=True).run()
+    assert_exact_budget(env, job)
+    study = env.study(job)
+    diverged = [t for t in study.trials if t.user_attrs.get("diverged")]
+    assert diverged, [(t.params, t.state) for t in study.trials]
+    for t in diverged:
+        assert t.state == TrialState.PRUNED
+        assert t.params["learning_rate"] == 50.0
+        assert t.user_attrs["diverged_reason"]
+    best = study.best_trial
+    assert best.params["learning_rate"] == 0.5 and best.value > 0.5
+
+
+def test_cancelled_job_is_not_run(env: Env) -> None:
+    job = env.submit(random_spec())
+    assert env.jobs.transition(job.id, JobState.CANCELLED)
+    assert env.worker(once=True).run() == 0
+    assert env.study(job).trials == []
+
+
+@pytest.mark.slow
+def test_cancelling_a_running_job_stops_the_worker_between_epochs(env: Env) -> None:
+    env.settings = env.settings.model_copy(update={"population": 1})
+    job = env.submit(random_spec(n_trials=3, training={"max_epochs": 1000, "early_stopping": None}))
+
+    class CancelAfterTwoEpochs:
+        times: list[float] = []
+        cancelled_at = 0.0
+
+        def epoch_done(self, job_: Job, number: int, metrics: Any) -> None:
+            self.times.append(time.monotonic())
+            if len(self.times) == 2:
+                env.jobs.transition(job.id, JobState.CANCELLING)
+                self.cancelled_at = time.monotonic()
+
+        def trial_done(self, job_: Job, outcome: Any) -> None:
+            pass
+
+    listener = CancelAfterTwoEpochs()
+    env.worker(job_id=job.id, listener=listener).run()
+    fresh = env.jobs.get(job.id)
+    assert fresh.state == "cancelled"
+    [t] = env.study(job).trials
+    assert t.state == TrialState.FAIL
+    assert "cancel" in t.user_attrs["fail_reason"]
+    assert fresh.failures == 0  # a cancellation is not the trial's failure
+    assert len(t.intermediate_values) == len(listener.times) < 1000
+    # The worker re-reads the job's state at most every PROBE_S: it stops at the first epoch
+    # boundary after that, so every epoch but the last one ended within PROBE_S of the cancel.
+    late = listener.times[-2] - listener.cancelled_at
+    assert late <= PROBE_S + 0.1, (late, len(listener.times))
+
+
+def test_a_job_whose_data_cannot_load_fails_with_the_reason(env: Env) -> None:
+    spec = JobSpec.model_validate(random_spec(dataset={"name": "csv", "path": "missing.csv"}))
+    job, _ = env.jobs.create(spec)
+    create_job_study(env.storage, job.study_name, spec, job_id=job.id, max_grid_size=100)
+    env.worker(once=True).run()
+    fresh = env.jobs.get(job.id)
+    assert fresh.state == "failed"
+    assert "cannot start" in (fresh.error or "") and "missing.csv" in (fresh.error or "")
+    assert fresh.reserved == 0
+
+
+@pytest.mark.slow
+def test_a_dead_workers_trial_is_retried_with_the_same_parameters(tmp_path: Path) -> None:
+    env = make_env(tmp_path / "data", heartbeat_interval_s=1, heartbeat_grace_s=2, population=1)
+    job = env.submit(random_spec(n_trials=3))
+    # A worker that reserved a slot, asked a trial, beat once and died.
+    assert env.jobs.reserve_slot(job.id)
+    env.jobs.transition(job.id, JobState.RUNNING)
+    hb_storage = make_storage(env.settings.resolved_database_url, env.settings, heartbeat=True)
+    study = optuna.load_study(study_name=job.study_name, storage=hb_storage)
+    spec = JobSpec.model_validate_json(env.jobs.get(job.id).spec_json)
+    dead = study.ask()
+    dead_params = suggest(spec.resolved_space(), dead)
+    hb_storage.record_heartbeat(dead._trial_id)
+    # SQLite's CURRENT_TIMESTAMP has whole seconds and stale means "older than the grace":
+    # 3.3 s apart always reads as 3 or 4 s > 2 s.
+    time.sleep(3.3)
+
+    ran = env.worker(once=True).run()
+    study = env.study(job)
+    summary = [(t.number, t.state.name, t.params, dict(t.system_attrs)) for t in study.trials]
+    fresh = env.jobs.get(job.id)
+    assert (fresh.state, fresh.finished, fresh.reserved) == ("succeeded", 3, 3), (
+        fresh.error,
+        summary,
+    )
+    assert ran == 3, summary
+    assert study.trials[0].state == TrialState.FAIL, summary
+    assert len(finished(study)) == 3, summary  # the retry used the dead trial's slot
+    retries = [t for t in finished(study) if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retries) == 1, summary
+    retry = retries[0]
+    assert retry.params == study.trials[0].params
+    assert {k: v for k, v in dead_params.items() if k in retry.params} == retry.params
+    # same seed (and data order) as the attempt it replaces
+    assert retry.user_attrs["seed"] == trial_seed(spec, dead.number)
