@@ -75,9 +75,13 @@ class TrialPublic(BaseModel):
     duration_s: float | None = None
     retry_of: int | None = None
     train_accuracy: float | None = Field(default=None, description="Kept model, evaluation mode.")
-    train_val_gap: float | None = Field(default=None, description="train_accuracy - best val accuracy.")
+    train_val_gap: float | None = Field(
+        default=None, description="train_accuracy - best val accuracy."
+    )
     epochs_to_target: int | None = Field(default=None, description="With training.target_accuracy.")
-    test_accuracy: float | None = Field(default=None, description="Only for trials that were a new best.")
+    test_accuracy: float | None = Field(
+        default=None, description="Only for trials that were a new best."
+    )
 
 
 class TrialDetail(TrialPublic):

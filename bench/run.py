@@ -1,0 +1,456 @@
+"""Side-by-side benchmark: the canonical Optuna + PyTorch loop vs. this engine and service.
+
+Same data, search space (`default`), seeded random sampler, trial count, epoch count and median
+pruner for every contender; early stopping is off everywhere so epochs are comparable.
+
+    python -m bench.run            # full run (MNIST 10k if ../shared has it, else digits)
+    python -m bench.run --quick    # < 3 minutes on 2 CPU cores
+
+Writes bench/results/<timestamp>.json and ends with one line:
+    population_vs_baseline=<ratio>x service_vs_baseline=<ratio>x quality_delta=<pp>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import optuna
+import torch
+from optuna.trial import TrialState
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist-10k"
+
+
+@dataclass
+class Setup:
+    dataset: dict[str, Any]
+    data_dir: str | None
+    n_trials: int
+    epochs: int
+    batch_size: int
+    hidden: list[int]
+    validation_split: float
+    test_split: float
+    split_note: str
+
+
+@dataclass
+class Result:
+    name: str
+    wall_s: float
+    trials: int
+    model_epochs: int
+    best_val_accuracy: float
+    trials_per_min: float
+    model_epochs_per_s: float
+    time_to_baseline_best_s: float | None = None
+    overhead_share: float | None = None
+    gflops: float | None = None
+    peak_share: float | None = None
+    population: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def make_setup(quick: bool) -> Setup:
+    if (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        # 10,000 real MNIST test images, split 7,000 / 1,500 / 1,500 (seeded, stratified).
+        return Setup(
+            dataset={"name": "mnist", "split": "test"},
+            data_dir=str(SHARED_MNIST),
+            n_trials=16 if quick else 48,
+            epochs=4 if quick else 10,
+            batch_size=128,
+            hidden=[128],
+            validation_split=0.15,
+            test_split=0.15,
+            split_note="MNIST t10k: 7,000 train / 1,500 val / 1,500 test",
+        )
+    return Setup(
+        dataset={"name": "digits"},
+        data_dir=None,
+        n_trials=20 if quick else 60,
+        epochs=10 if quick else 20,
+        batch_size=128,
+        hidden=[128],
+        validation_split=0.2,
+        test_split=0.1,
+        split_note="digits: 1,258 train / 360 val / 179 test",
+    )
+
+
+def job_spec(setup: Setup, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "dataset": setup.dataset,
+        "model": {"hidden_layers": setup.hidden},
+        "search_space": "default",
+        "sampler": {"type": "random", "seed": 0},
+        "n_trials": setup.n_trials,
+        "objective": "val_accuracy",
+        "training": {
+            "max_epochs": setup.epochs,
+            "batch_size": setup.batch_size,
+            "validation_split": setup.validation_split,
+            "test_split": setup.test_split,
+            "early_stopping": None,
+            "device": "cpu",
+        },
+        "pruner": {"type": "median", "n_startup_trials": 5, "n_warmup_steps": 2},
+    }
+
+
+def measure_matmul_peak() -> float:
+    """GFLOP/s of a large fp32 matmul with all intra-op threads: the CPU's practical peak."""
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(10):
+            torch.mm(a, b)
+        best = min(best, (time.perf_counter() - t) / 10)
+    return 2 * n**3 / best / 1e9
+
+
+def flops_per_model_epoch(
+    n_features: int, hidden: list[int], n_classes: int, n_train: int, n_val: int
+) -> float:
+    widths = [n_features, *hidden, n_classes]
+    macs = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=False))
+    # forward + backward ~ 3 matmuls of the forward's size on training rows; forward only on validation
+    return 6 * macs * n_train + 2 * macs * n_val
+
+
+# Contender 1: the canonical Optuna PyTorch example ------------------------------------------------
+def run_baseline(setup: Setup, spec: dict[str, Any]) -> tuple[Result, list[tuple[float, float]]]:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from search_spaces.sampling import suggest
+    from service.spec import JobSpec
+    from worker.training import build_mlp, build_optimizer
+    from worker.trial_config import resolve_config
+
+    js = JobSpec.model_validate(spec)
+    data = load_data(setup, js)
+    space = js.resolved_space()
+    train_ds = TensorDataset(data.X_train, data.y_train)
+    n_classes = int(data.n_classes)
+    epochs_run = 0
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal epochs_run
+        params = suggest(space, trial)
+        cfg = resolve_config(js, params, seed=trial.number)
+        torch.manual_seed(cfg.seed)
+        model = build_mlp(data.X_train.shape[1], n_classes, cfg)
+        opt = build_optimizer(model.parameters(), cfg)
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        acc = 0.0
+        for epoch in range(cfg.max_epochs):
+            model.train()
+            for xb, yb in loader:
+                opt.zero_grad()
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                opt.step()
+            model.eval()
+            with torch.no_grad():
+                acc = (model(data.X_val).argmax(1) == data.y_val).float().mean().item()
+            epochs_run += 1
+            trial.report(acc, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return acc
+
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
+    )
+    t0 = time.time()
+    start = time.perf_counter()
+    study.optimize(objective, n_trials=setup.n_trials)
+    wall = time.perf_counter() - start
+    # Pruned trials' last value is a candidate too (the canonical example ranks only COMPLETE).
+    best = study.best_value
+    curve = _curve(study.get_trials(deepcopy=False), t0)
+    return _result("baseline", wall, study.get_trials(deepcopy=False), epochs_run, best), curve
+
+
+def load_data(setup: Setup, js: Any) -> Any:
+    from service.datasets import load_dataset, make_splits
+    from worker.training import to_tensors
+
+    data_dir = Path(setup.data_dir) if setup.data_dir else Path(tempfile.gettempdir())
+    ds = load_dataset(
+        js.dataset, data_dir=data_dir, upload_dir=data_dir, allow_local_paths=False, download=False
+    )
+    sp = make_splits(
+        ds,
+        validation_split=js.training.validation_split,
+        test_split=js.training.test_split,
+        seed=js.training.split_seed,
+    )
+    return to_tensors(
+        sp.X_train,
+        sp.y_train,
+        sp.X_val,
+        sp.y_val,
+        sp.X_test,
+        sp.y_test,
+        "cpu",
+        n_classes=sp.n_classes,
+    )
+
+
+def _curve(trials: list[optuna.trial.FrozenTrial], t0: float) -> list[tuple[float, float]]:
+    """(seconds since start, best val accuracy so far) after each COMPLETE trial."""
+    pts = []
+    best = -1.0
+    for t in sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE and t.datetime_complete),
+        key=lambda t: t.datetime_complete,
+    ):  # type: ignore[arg-type, return-value]
+        best = max(best, float(t.value or 0.0))
+        pts.append((t.datetime_complete.timestamp() - t0, best))  # type: ignore[union-attr]
+    return pts
+
+
+def _result(
+    name: str, wall: float, trials: list[optuna.trial.FrozenTrial], model_epochs: int, best: float
+) -> Result:
+    n = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    return Result(
+        name=name,
+        wall_s=wall,
+        trials=n,
+        model_epochs=model_epochs,
+        best_val_accuracy=best,
+        trials_per_min=n / wall * 60,
+        model_epochs_per_s=model_epochs / wall,
+    )
+
+
+# Contenders 2 and 3: the engine (hpo run's code path) ---------------------------------------------
+def run_engine(
+    setup: Setup, spec: dict[str, Any], population: int | None, workdir: Path
+) -> tuple[Result, list[tuple[float, float]]]:
+    from rich.console import Console
+
+    from hpo.local import run_local
+    from service.config import Settings
+    from service.spec import JobSpec
+
+    js = JobSpec.model_validate(spec)
+    settings = Settings(
+        data_root=workdir,
+        data_dir=Path(setup.data_dir) if setup.data_dir else None,
+        population=population,
+        device="cpu",
+    )
+    t0 = time.time()
+    start = time.perf_counter()
+    run_local(js, settings, Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    wall = time.perf_counter() - start
+    return _from_storage(spec["name"], settings.resolved_database_url, wall, t0)
+
+
+def _from_storage(
+    name: str, url: str, wall: float, t0: float
+) -> tuple[Result, list[tuple[float, float]]]:
+    study_name = next(s for s in optuna.get_all_study_names(url) if s.startswith(name + "."))
+    study = optuna.load_study(study_name=study_name, storage=url)
+    trials = study.get_trials(deepcopy=False)
+    epochs = sum(
+        len(t.intermediate_values)
+        for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    )
+    r = _result(name, wall, trials, epochs, study.best_value)
+    trained = sum(float(t.user_attrs.get("duration_s", 0.0)) for t in trials)
+    r.overhead_share = max(0.0, (wall - trained) / wall)
+    r.notes["sum_training_s"] = trained
+    return r, _curve(trials, t0)
+
+
+# Contender 4: the service over HTTP with one worker -----------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_service(
+    setup: Setup, spec: dict[str, Any], workdir: Path
+) -> tuple[Result, list[tuple[float, float]]]:
+    port = _free_port()
+    env = {**os.environ, "HPO_DATA_ROOT": str(workdir), "HPO_DEVICE": "cpu", "HPO_OFFLINE": "1"}
+    if setup.data_dir:
+        env["HPO_DATA_DIR"] = setup.data_dir
+    hpo = [sys.executable, "-c", "from hpo.cli import main; main()"]
+    api = subprocess.Popen(
+        [*hpo, "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    worker = subprocess.Popen(
+        [*hpo, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            for _ in range(300):
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            t0 = time.time()
+            start = time.perf_counter()
+            job = c.post("/jobs", json=spec).json()
+            while True:
+                state = c.get(f"/jobs/{job['id']}").json()["state"]
+                if state in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(0.2)
+            wall = time.perf_counter() - start
+            if state != "succeeded":
+                raise RuntimeError(f"service job ended {state}")
+        url = f"sqlite:///{workdir / 'hpo.db'}"
+        return _from_storage(spec["name"], url, wall, t0)
+    finally:
+        for p in (worker, api):
+            p.send_signal(signal.SIGTERM)
+        for p in (worker, api):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, best in curve if best >= target), None)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="small budget: under 3 minutes on 2 cores")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    os.environ.setdefault("HPO_OFFLINE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    setup = make_setup(args.quick)
+    peak = measure_matmul_peak()
+    print(
+        f"data: {setup.split_note}; {setup.n_trials} trials x {setup.epochs} epochs; "
+        f"torch threads {torch.get_num_threads()}; matmul peak {peak:.1f} GFLOP/s",
+        flush=True,
+    )
+    results: list[Result] = []
+    curves: dict[str, list[tuple[float, float]]] = {}
+    work = Path(tempfile.mkdtemp(prefix="hpo-bench-"))
+    try:
+        r, c = run_baseline(setup, job_spec(setup, "baseline"))
+        results.append(r)
+        curves[r.name] = c
+        print(f"  baseline: {r.wall_s:.1f} s", flush=True)
+        for name, pop in (("engine_sequential", 1), ("engine_population", None)):
+            r, c = run_engine(setup, job_spec(setup, name), pop, work / name)
+            r.name = name
+            results.append(r)
+            curves[name] = c
+            print(f"  {name}: {r.wall_s:.1f} s", flush=True)
+        r, c = run_service(setup, job_spec(setup, "service"), work / "service")
+        results.append(r)
+        curves["service"] = c
+        print(f"  service: {r.wall_s:.1f} s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    from service.spec import JobSpec
+
+    data = load_data(setup, JobSpec.model_validate(job_spec(setup, "x")))
+    fpe = flops_per_model_epoch(
+        int(data.X_train.shape[1]),
+        setup.hidden,
+        int(data.n_classes),
+        int(data.X_train.shape[0]),
+        int(data.X_val.shape[0]),
+    )
+    base = results[0]
+    for r in results:
+        r.gflops = r.model_epochs * fpe / r.wall_s / 1e9
+        r.peak_share = r.gflops / peak
+        r.time_to_baseline_best_s = time_to(curves[r.name], base.best_val_accuracy)
+
+    print(
+        f"\n{'contender':20} {'wall s':>8} {'trials/min':>11} {'epochs/s':>9} {'best val':>9} "
+        f"{'t->base best':>12} {'overhead':>9} {'GFLOP/s':>8} {'of peak':>8}"
+    )
+    for r in results:
+        ttb = (
+            f"{r.time_to_baseline_best_s:.1f}" if r.time_to_baseline_best_s is not None else "never"
+        )
+        ov = f"{r.overhead_share:.1%}" if r.overhead_share is not None else "-"
+        print(
+            f"{r.name:20} {r.wall_s:8.1f} {r.trials_per_min:11.1f} {r.model_epochs_per_s:9.1f} "
+            f"{r.best_val_accuracy:9.4f} {ttb:>12} {ov:>9} {r.gflops:8.2f} {r.peak_share:8.1%}"
+        )
+    pop = next(r for r in results if r.name == "engine_population")
+    svc = next(r for r in results if r.name == "service")
+    summary = {
+        "population_vs_baseline": pop.trials_per_min / base.trials_per_min,
+        "service_vs_baseline": svc.trials_per_min / base.trials_per_min,
+        "quality_delta_pp": (pop.best_val_accuracy - base.best_val_accuracy) * 100,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json"
+    out.write_text(
+        json.dumps(
+            {
+                "setup": asdict(setup),
+                "matmul_peak_gflops": peak,
+                "torch_threads": torch.get_num_threads(),
+                "device": "cpu",
+                "results": [asdict(r) for r in results],
+                "summary": summary,
+            },
+            indent=2,
+        )
+    )
+    print(f"\nwrote {out}")
+    print(
+        f"population_vs_baseline={summary['population_vs_baseline']:.2f}x "
+        f"service_vs_baseline={summary['service_vs_baseline']:.2f}x "
+        f"quality_delta={summary['quality_delta_pp']:+.2f}pp"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
