@@ -13,6 +13,7 @@ Writes bench/results/<timestamp>.json and ends with one line:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -132,7 +133,7 @@ def flops_per_model_epoch(
     n_features: int, hidden: list[int], n_classes: int, n_train: int, n_val: int
 ) -> float:
     widths = [n_features, *hidden, n_classes]
-    macs = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=False))
+    macs = sum(a * b for a, b in itertools.pairwise(widths))
     # forward + backward ~ 3 matmuls of the forward's size on training rows; forward only on validation
     return 6 * macs * n_train + 2 * macs * n_val
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from datetime import timedelta
@@ -47,7 +48,9 @@ def make_storage(
         retry = RetryHeartbeatStaleTrialCallback(max_retry=settings.max_trial_retries)
 
         def _stale(study: optuna.Study, trial: FrozenTrial) -> None:
-            retry(study, trial)
+            # A copy: Optuna's callback appends to the trial's own retry_history list, and
+            # on_stale must see the history as it was (to tell a retried trial from the last).
+            retry(study, copy.deepcopy(trial))
             if on_stale is not None:
                 on_stale(study, trial)
 

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from optuna.exceptions import StorageInternalError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -127,6 +128,12 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem(
             500, "Internal error", "a database error occurred", instance=request.url.path
         )
+
+    @app.exception_handler(StorageInternalError)
+    async def _optuna_storage(request: Request, exc: StorageInternalError) -> JSONResponse:
+        # Optuna wraps every SQLAlchemy error of its storage; a dropped or refused connection
+        # is the database being away (503), anything else is a bug (500, logged).
+        return await _unhandled(request, exc)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
