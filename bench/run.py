@@ -223,14 +223,16 @@ def load_data(setup: Setup, js: Any) -> Any:
 
 def _curve(trials: list[optuna.trial.FrozenTrial], t0: float) -> list[tuple[float, float]]:
     """(seconds since start, best val accuracy so far) after each COMPLETE trial."""
+    done = sorted(
+        (t.datetime_complete.timestamp(), float(t.value or 0.0))
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.datetime_complete is not None
+    )
     pts = []
     best = -1.0
-    for t in sorted(
-        (t for t in trials if t.state == TrialState.COMPLETE and t.datetime_complete),
-        key=lambda t: t.datetime_complete,
-    ):  # type: ignore[arg-type, return-value]
-        best = max(best, float(t.value or 0.0))
-        pts.append((t.datetime_complete.timestamp() - t0, best))  # type: ignore[union-attr]
+    for ts, value in done:
+        best = max(best, value)
+        pts.append((ts - t0, best))
     return pts
 
 
@@ -422,12 +424,12 @@ def main() -> int:
             f"{r.name:20} {r.wall_s:8.1f} {r.trials_per_min:11.1f} {r.model_epochs_per_s:9.1f} "
             f"{r.best_val_accuracy:9.4f} {ttb:>12} {ov:>9} {r.gflops:8.2f} {r.peak_share:8.1%}"
         )
-    pop = next(r for r in results if r.name == "engine_population")
+    pop_r = next(r for r in results if r.name == "engine_population")
     svc = next(r for r in results if r.name == "service")
     summary = {
-        "population_vs_baseline": pop.trials_per_min / base.trials_per_min,
+        "population_vs_baseline": pop_r.trials_per_min / base.trials_per_min,
         "service_vs_baseline": svc.trials_per_min / base.trials_per_min,
-        "quality_delta_pp": (pop.best_val_accuracy - base.best_val_accuracy) * 100,
+        "quality_delta_pp": (pop_r.best_val_accuracy - base.best_val_accuracy) * 100,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json"

@@ -10,5 +10,5 @@ bin="$VENV_DIR/bin"
 status=0
 echo "==> ruff check" && "$bin/ruff" check . || status=1
 echo "==> ruff format --check" && "$bin/ruff" format --check . || status=1
-echo "==> mypy search_spaces service worker hpo" && "$bin/mypy" search_spaces service worker hpo || status=1
+echo "==> mypy search_spaces service worker hpo bench" && "$bin/mypy" search_spaces service worker hpo bench || status=1
 exit "$status"
