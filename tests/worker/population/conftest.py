@@ -1,0 +1,58 @@
+"""Small real datasets, built in memory so the folder runs in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from worker.training import TensorSplits, to_tensors
+
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: these models are tiny, so a second OpenMP thread only adds
+    fork/join latency per op (and stalls for milliseconds whenever another process holds
+    the other core). Both paths being compared always run with the same count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def default_threads(_one_thread: None) -> int:
+    """Opt back into torch's default thread count, to cover the multi-threaded kernels."""
+    torch.set_num_threads(_DEFAULT_THREADS)
+    return _DEFAULT_THREADS
+
+
+@pytest.fixture(scope="session")
+def digits() -> TensorSplits:
+    """sklearn's 8x8 digits (1797 samples, 64 features, 10 classes), split 1200/300/297."""
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)  # pixel values 0..16 -> [0, 1]
+    perm = np.random.default_rng(0).permutation(len(X))
+    X, y = X[perm], y[perm]
+    return to_tensors(X[:1200], y[:1200], X[1200:1500], y[1200:1500], X[1500:], y[1500:])
+
+
+@pytest.fixture(scope="session")
+def small_digits(digits: TensorSplits) -> TensorSplits:
+    """The first 400 training rows of ``digits`` (same val/test): cheap multi-epoch runs."""
+    return TensorSplits(
+        X_train=digits.X_train[:400],
+        y_train=digits.y_train[:400],
+        X_val=digits.X_val,
+        y_val=digits.y_val,
+        X_test=digits.X_test,
+        y_test=digits.y_test,
+        n_classes=digits.n_classes,
+    )

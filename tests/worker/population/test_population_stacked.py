@@ -1,0 +1,119 @@
+"""The stacked model's hand-written forward/backward against autograd on each member's MLP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.population import StackedMLP
+from worker.population.stacked import _act_backward, _act_forward
+from worker.training import ACTIVATIONS, TrialConfig, build_mlp, evaluate, make_activation
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_matches_the_module_and_autograd(name: str) -> None:
+    x = (torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+    expected = make_activation(name)(x)
+    grad = torch.randn_like(x)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    with torch.no_grad():
+        y = _act_forward(name, x, torch.empty_like(x))
+        dx = _act_backward(name, grad, x, y, torch.empty_like(x))
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(dx, expected_grad, rtol=1e-6, atol=1e-7)
+
+
+def _members(n: int, batch_norm: bool, activation: str) -> list[nn.Sequential]:
+    models = []
+    for seed, init in zip(range(n), ("he_normal", "xavier_uniform", "orthogonal"), strict=False):
+        config = TrialConfig(
+            hidden_layers=(12, 8), activation=activation, batch_norm=batch_norm, init=init
+        )
+        torch.manual_seed(seed)
+        model = build_mlp(6, 4, config)
+        if batch_norm:  # non-trivial scale/shift and running statistics
+            for m in model:
+                if isinstance(m, nn.BatchNorm1d):
+                    nn.init.uniform_(m.weight, 0.5, 1.5)
+                    nn.init.uniform_(m.bias, -0.5, 0.5)
+        models.append(model)
+    return models
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_train_step_equals_autograd_per_member(activation: str, batch_norm: bool) -> None:
+    models = _members(3, batch_norm, activation)
+    stack = StackedMLP(
+        models, activation=activation, dropouts=[0.0] * 3, device=torch.device("cpu")
+    )
+    gen = torch.Generator().manual_seed(1)
+    X, y = torch.randn(40, 6, generator=gen), torch.randint(0, 4, (40,), generator=gen)
+    rows = torch.stack([torch.randperm(40, generator=gen)[:10] for _ in models])
+    losses = torch.empty(3)
+    correct = stack.train_step(X, y, rows.reshape(-1), losses)
+
+    for j, model in enumerate(models):
+        model.train()
+        logits = model(X[rows[j]])
+        loss = F.cross_entropy(logits, y[rows[j]])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        assert losses[j].item() == pytest.approx(loss.item(), rel=1e-6)
+        assert int(correct[j]) == int((logits.argmax(1) == y[rows[j]]).sum())
+        # parameters() order equals the stack's params order: Linear, [BatchNorm], ..., Linear
+        for stacked_grad, grad in zip(stack.grads, grads, strict=True):
+            mine = stacked_grad[j].t() if grad.dim() == 2 else stacked_grad[j]
+            torch.testing.assert_close(mine, grad, rtol=1e-5, atol=1e-6)
+        # the running statistics were updated exactly like BatchNorm1d's
+        norms = [m for m in model if isinstance(m, nn.BatchNorm1d)]
+        for i, bn in enumerate(norms):
+            torch.testing.assert_close(stack.buffers[2 * i][j], bn.running_mean)
+            torch.testing.assert_close(stack.buffers[2 * i + 1][j], bn.running_var)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_evaluate_and_export_match_the_member_models(batch_norm: bool) -> None:
+    models = _members(3, batch_norm, "gelu")
+    gen = torch.Generator().manual_seed(2)
+    X, y = torch.randn(50, 6, generator=gen), torch.randint(0, 4, (50,), generator=gen)
+    for model in models:  # move the running statistics away from (0, 1)
+        model.train()(X[:25])
+    stack = StackedMLP(models, activation="gelu", dropouts=[0.0] * 3, device=torch.device("cpu"))
+    loss_sum, correct = stack.evaluate(X, y)
+    for j, model in enumerate(models):
+        expected = evaluate(model, X, y)
+        assert float(loss_sum[j]) / 50 == pytest.approx(expected[0], rel=1e-6)
+        assert int(correct[j]) / 50 == expected[1]
+
+    # The best snapshot is the initial state until save_best; export writes it into a model.
+    rows = torch.arange(30).repeat(3)
+    stack.train_step(X, y, rows, torch.empty(3))
+    for param, grad in zip(stack.params, stack.grads, strict=True):
+        param.sub_(0.1 * grad)  # one plain SGD step
+    stack.save_best([1])
+    fresh = _members(3, batch_norm, "gelu")
+    stack.export_best(0, fresh[0])
+    for key, value in models[0].state_dict().items():
+        assert torch.equal(fresh[0].state_dict()[key], value), key
+    stack.export_best(1, fresh[1])
+    first, trained = models[1][0], fresh[1][0]
+    assert isinstance(first, nn.Linear) and isinstance(trained, nn.Linear)
+    assert not torch.equal(trained.weight, first.weight)
+    torch.testing.assert_close(trained.weight, stack.params[0][1].t())
+
+
+def test_dropout_masks_are_per_member_and_inverted() -> None:
+    models = _members(3, False, "relu")
+    stack = StackedMLP(
+        models, activation="relu", dropouts=[0.0, 0.5, 0.9], device=torch.device("cpu")
+    )
+    X, y = torch.randn(64, 6), torch.randint(0, 4, (64,))
+    stack.train_step(X, y, torch.arange(64).repeat(3), torch.empty(3))
+    mask = stack._workspaces[64].mask[0]
+    assert torch.equal(mask[0], torch.ones_like(mask[0]))  # p = 0: nothing dropped
+    for j, p in ((1, 0.5), (2, 0.9)):
+        kept = mask[j] != 0
+        assert torch.allclose(mask[j][kept], torch.tensor(1 / (1 - p)))  # inverted scaling
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.05

@@ -1,0 +1,461 @@
+"""P same-architecture MLPs as one model: weights stacked on a leading member axis.
+
+Layout: a Linear layer of every member is one tensor ``weight [P, in, out]`` (the transpose
+of ``nn.Linear.weight``, so ``x @ weight`` needs no transpose) and ``bias [P, out]``;
+BatchNorm scale/shift are ``[P, width]``, its running statistics likewise. Activations are
+``[P, batch, width]``, so each layer is one ``torch.baddbmm``.
+
+The training step has a hand-written backward pass (the same aten backward kernels autograd
+would call) into buffers allocated once per (population size, batch size): autograd would
+allocate every activation and gradient afresh each step, and on CPU the page faults of those
+multi-megabyte allocations cost about as much as the matmuls (measured: 8,000 minor faults
+and 1.6x the step time for P=32 on the 784-128-10 MLP).
+
+Per-member semantics, equal to ``nn.Sequential`` from ``build_mlp`` trained alone:
+- BatchNorm normalises each member over its own minibatch (``native_batch_norm`` over a
+  ``[batch, P * width]`` view: one channel per member and unit) and keeps per-member running
+  statistics (unbiased variance, momentum 0.1) that evaluation uses;
+- dropout is inverted dropout with the member's own p (``p = 0`` draws a mask of ones), off
+  in evaluation; masks come from one generator shared by the stack, so with dropout a member
+  trains like its sequential self in distribution, not sample for sample;
+- the loss is each member's mean cross-entropy over its minibatch, and the gradient of
+  member j's loss reaches only member j's slices: members never mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worker.training import EVAL_BATCH_SIZE, LEAKY_RELU_SLOPE
+
+_SELU_ALPHA = 1.6732632423543772848170429916717  # torch's SELU constants (aten selu = elu(a, s))
+_SELU_SCALE = 1.0507009873554804934193349852946
+# Evaluation holds [P, rows, width] fp32 activations; 64 MiB keeps it cache- and RAM-friendly
+# on CPU and small next to any GPU while still feeding big matmuls.
+_EVAL_BYTES = 64 * 2**20
+
+
+class StackedMLP:
+    """Stacked parameters, buffers and best-epoch snapshots of P members; see module doc.
+
+    ``params`` (trainable, optimizer order) and ``buffers`` (BatchNorm running stats) are
+    plain tensors, replaced by ``select`` when members leave; ``grads`` matches ``params``.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[nn.Sequential],
+        *,
+        activation: str,
+        dropouts: Sequence[float],
+        device: torch.device,
+        dropout_seed: int = 0,
+        matmul_dtype: torch.dtype | None = None,
+    ) -> None:
+        if not models or len(models) != len(dropouts):
+            raise ValueError("StackedMLP: need one dropout rate per model, at least one model")
+        linears = [[m for m in model if isinstance(m, nn.Linear)] for model in models]
+        norms = [[m for m in model if isinstance(m, nn.BatchNorm1d)] for model in models]
+        self.n_hidden = len(linears[0]) - 1
+        self.batch_norm = bool(norms[0])
+        if any(len(n) != (self.n_hidden if self.batch_norm else 0) for n in norms):
+            raise ValueError("StackedMLP: BatchNorm must follow every hidden Linear or none")
+        self.activation = activation
+        self.matmul_dtype = matmul_dtype
+        self.device = device
+        self.widths = [lin.out_features for lin in linears[0]]
+        self.n_features = linears[0][0].in_features
+        if self.batch_norm:
+            bn = norms[0][0]
+            self.bn_momentum = 0.1 if bn.momentum is None else float(bn.momentum)
+            self.bn_eps = float(bn.eps)
+
+        def stack(tensors: list[Tensor]) -> Tensor:
+            return torch.stack([t.detach() for t in tensors]).to(device).contiguous()
+
+        # params: per hidden layer weight, bias[, bn scale, bn shift]; then the output layer.
+        self.params: list[Tensor] = []
+        self.buffers: list[Tensor] = []
+        self._linear_at: list[tuple[int, int]] = []
+        self._norm_at: list[tuple[int, int]] = []
+        for layer in range(self.n_hidden + 1):
+            self._linear_at.append((len(self.params), len(self.params) + 1))
+            self.params.append(stack([lin[layer].weight.t() for lin in linears]))
+            self.params.append(stack([lin[layer].bias for lin in linears]))
+            if self.batch_norm and layer < self.n_hidden:
+                self._norm_at.append((len(self.params), len(self.params) + 1))
+                self.params.append(stack([n[layer].weight for n in norms]))
+                self.params.append(stack([n[layer].bias for n in norms]))
+                self.buffers.append(stack([n[layer].running_mean for n in norms]))  # type: ignore[misc]
+                self.buffers.append(stack([n[layer].running_var for n in norms]))  # type: ignore[misc]
+        self.grads = [torch.empty_like(p) for p in self.params]
+        self.batches_tracked = int(norms[0][0].num_batches_tracked) if self.batch_norm else 0  # type: ignore[arg-type]
+
+        keep = torch.tensor([1.0 - p for p in dropouts], dtype=torch.float32, device=device)
+        self.has_dropout = any(p > 0 for p in dropouts)
+        self.keep = keep.view(-1, 1, 1)
+        self.scale = (1.0 / keep).view(-1, 1, 1)
+        self.generator = torch.Generator(device=device).manual_seed(dropout_seed)
+
+        # Best-epoch snapshots: the initial state until a member's first finished epoch.
+        self.best = [t.clone() for t in (*self.params, *self.buffers)]
+        self.best_batches_tracked = [self.batches_tracked] * len(models)
+        self._workspaces: dict[int, _Workspace] = {}
+
+    @property
+    def n_members(self) -> int:
+        return int(self.params[0].shape[0])
+
+    # -- membership ------------------------------------------------------------------------
+
+    def select(self, positions: Sequence[int]) -> None:
+        """Keep only the members at ``positions`` (current stack positions), in that order."""
+        index = torch.tensor(list(positions), dtype=torch.int64, device=self.device)
+        self.params = [t.index_select(0, index) for t in self.params]
+        self.buffers = [t.index_select(0, index) for t in self.buffers]
+        self.best = [t.index_select(0, index) for t in self.best]
+        self.best_batches_tracked = [self.best_batches_tracked[i] for i in positions]
+        self.keep = self.keep.index_select(0, index)
+        self.scale = self.scale.index_select(0, index)
+        self.grads = [torch.empty_like(p) for p in self.params]
+        self._workspaces.clear()
+
+    def save_best(self, positions: Sequence[int]) -> None:
+        """Snapshot the current weights and statistics of the members at ``positions``."""
+        if not positions:
+            return
+        index = torch.tensor(list(positions), dtype=torch.int64, device=self.device)
+        for current, best in zip((*self.params, *self.buffers), self.best, strict=True):
+            best.index_copy_(0, index, current.index_select(0, index))
+        for i in positions:
+            self.best_batches_tracked[i] = self.batches_tracked
+
+    @torch.no_grad()
+    def export_best(self, position: int, model: nn.Sequential) -> None:
+        """Copy member ``position``'s best snapshot into ``model`` (built by ``build_mlp``)."""
+        n_params = len(self.params)
+        best_params, best_buffers = self.best[:n_params], self.best[n_params:]
+        linears = [m for m in model if isinstance(m, nn.Linear)]
+        norms = [m for m in model if isinstance(m, nn.BatchNorm1d)]
+        for lin, (w, b) in zip(linears, self._linear_at, strict=True):
+            lin.weight.copy_(best_params[w][position].t())
+            lin.bias.copy_(best_params[b][position])
+        for i, (bn, (g, s)) in enumerate(zip(norms, self._norm_at, strict=True)):
+            bn.weight.copy_(best_params[g][position])
+            bn.bias.copy_(best_params[s][position])
+            bn.running_mean.copy_(best_buffers[2 * i][position])  # type: ignore[union-attr]
+            bn.running_var.copy_(best_buffers[2 * i + 1][position])  # type: ignore[union-attr]
+            bn.num_batches_tracked.fill_(self.best_batches_tracked[position])  # type: ignore[union-attr]
+
+    # -- training --------------------------------------------------------------------------
+
+    def train_step(self, X: Tensor, y: Tensor, rows: Tensor, loss_out: Tensor) -> Tensor:
+        """Forward + backward of one minibatch per member into ``self.grads``.
+
+        ``rows`` [P * b] indexes X/y (member j's minibatch is ``rows[j*b:(j+1)*b]``);
+        ``loss_out`` [P] receives each member's mean cross-entropy. Returns the number of
+        correct predictions per member [P] (int64, on the device).
+        """
+        P = self.n_members
+        b = int(rows.numel()) // P
+        ws = self._workspace(b)
+        torch.index_select(X, 0, rows, out=ws.x.view(P * b, -1))
+        torch.index_select(y, 0, rows, out=ws.y.view(-1))
+        params, grads = self.params, self.grads
+
+        h = ws.x
+        for layer in range(self.n_hidden):
+            w, bias = self._linear_at[layer]
+            z = ws.z[layer]
+            self._linear(h, params[w], params[bias], out=z)
+            pre = self._bn_train(layer, z, ws) if self.batch_norm else z
+            ws.pre[layer] = pre
+            a = ws.a[layer]
+            _act_forward(self.activation, pre, a)
+            if self.has_dropout:
+                mask = ws.mask[layer]
+                mask.bernoulli_(self.keep.expand_as(mask), generator=self.generator)
+                mask.mul_(self.scale)
+                h = torch.mul(a, mask, out=ws.h[layer])
+            else:
+                h = a
+        w, bias = self._linear_at[-1]
+        logits = ws.logits
+        self._linear(h, params[w], params[bias], out=logits)
+
+        # Cross-entropy, mean over each member's minibatch, and its gradient (softmax - 1_y)/b.
+        lsm = ws.dlogits
+        torch.ops.aten._log_softmax.out(logits, -1, False, out=lsm)
+        torch.sum(lsm.gather(2, ws.y), dim=1, out=loss_out.view(P, 1))
+        loss_out.div_(-b)
+        correct = logits.argmax(2, keepdim=True).eq_(ws.y).sum(dim=(1, 2))
+        dl = lsm.exp_().mul_(1.0 / b).scatter_add_(2, ws.y, ws.neg_inv_b)
+
+        self._bmm(h.transpose(1, 2), dl, out=grads[w])
+        torch.sum(dl, dim=1, out=grads[bias])
+        if self.n_hidden:
+            self._bmm(dl, params[w].transpose(1, 2), out=ws.dh[-1])
+        for layer in reversed(range(self.n_hidden)):
+            dh = ws.dh[layer]
+            if self.has_dropout:
+                dh.mul_(ws.mask[layer])
+            dz = _act_backward(self.activation, dh, ws.pre[layer], ws.a[layer], ws.dz[layer])
+            if self.batch_norm:
+                dz = self._bn_backward(layer, dz, ws)
+            w, bias = self._linear_at[layer]
+            h_in = ws.x if layer == 0 else ws.out[layer - 1]
+            self._bmm(h_in.transpose(1, 2), dz, out=grads[w])
+            torch.sum(dz, dim=1, out=grads[bias])
+            if layer > 0:
+                self._bmm(dz, params[w].transpose(1, 2), out=ws.dh[layer - 1])
+        if self.batch_norm:
+            self.batches_tracked += 1
+        return correct
+
+    def _bn_train(self, layer: int, z: Tensor, ws: _Workspace) -> Tensor:
+        P, b, width = z.shape
+        zt = ws.zt[layer]
+        zt.view(b, P, width).copy_(z.transpose(0, 1))
+        g, s = self._norm_at[layer]
+        rm, rv = self.buffers[2 * layer], self.buffers[2 * layer + 1]
+        out, mean, invstd = torch.native_batch_norm(
+            zt,
+            self.params[g].view(-1),
+            self.params[s].view(-1),
+            rm.view(-1),
+            rv.view(-1),
+            True,
+            self.bn_momentum,
+            self.bn_eps,
+        )
+        ws.bn_saved[layer] = (mean, invstd)
+        return out.view(b, P, width).transpose(0, 1)
+
+    def _bn_backward(self, layer: int, dy: Tensor, ws: _Workspace) -> Tensor:
+        P, b, width = dy.shape
+        dyt = ws.dyt[layer]
+        dyt.view(b, P, width).copy_(dy.transpose(0, 1))
+        g, s = self._norm_at[layer]
+        rm, rv = self.buffers[2 * layer], self.buffers[2 * layer + 1]
+        mean, invstd = ws.bn_saved[layer]
+        dzt, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+            dyt,
+            ws.zt[layer],
+            self.params[g].view(-1),
+            rm.view(-1),
+            rv.view(-1),
+            mean,
+            invstd,
+            True,
+            self.bn_eps,
+            [True, True, True],
+        )
+        self.grads[g].view(-1).copy_(dgamma)
+        self.grads[s].view(-1).copy_(dbeta)
+        dz = ws.dz_bn[layer]
+        dz.copy_(dzt.view(b, P, width).transpose(0, 1))
+        return dz
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Summed cross-entropy (float64) and correct count (int64) per member, eval mode."""
+        P, n = self.n_members, int(y.shape[0])
+        rows = max(1, min(EVAL_BATCH_SIZE, _EVAL_BYTES // (4 * P * max(self.widths))))
+        loss_sum = torch.zeros(P, dtype=torch.float64, device=self.device)
+        correct = torch.zeros(P, dtype=torch.int64, device=self.device)
+        # Layer 0 for all members as one [rows, F] @ [F, P * width] matmul: X is shared.
+        w0, b0 = self._linear_at[0]
+        width0 = self.widths[0]
+        w_first = self.params[w0].permute(1, 0, 2).reshape(self.n_features, P * width0)
+        b_first = self.params[b0].reshape(P * width0)
+        for start in range(0, n, rows):
+            xc, yc = X[start : start + rows], y[start : start + rows]
+            m = int(yc.shape[0])
+            if self.matmul_dtype is None:
+                z = torch.addmm(b_first, xc, w_first)
+            else:
+                dt = self.matmul_dtype
+                z = torch.add(xc.to(dt) @ w_first.to(dt), b_first)
+            h = z.view(m, P, width0).transpose(0, 1)
+            for layer in range(self.n_hidden + 1):
+                if layer > 0:
+                    w, bias = self._linear_at[layer]
+                    out = torch.empty(P, m, self.widths[layer], device=self.device)
+                    h = self._linear(h.contiguous(), self.params[w], self.params[bias], out=out)
+                if layer == self.n_hidden:
+                    break
+                if self.batch_norm:
+                    h = self._bn_eval(layer, h)
+                h = _act_forward(self.activation, h, torch.empty_like(h))
+            logits = h
+            losses = F.cross_entropy(
+                logits.reshape(P * m, -1), yc.repeat(P), reduction="none"
+            ).view(P, m)
+            loss_sum += losses.sum(dim=1, dtype=torch.float64)
+            correct += (logits.argmax(dim=2) == yc).sum(dim=1)
+        return loss_sum, correct
+
+    def _bn_eval(self, layer: int, z: Tensor) -> Tensor:
+        P, m, width = z.shape
+        g, s = self._norm_at[layer]
+        out = F.batch_norm(
+            z.transpose(0, 1).reshape(m, P * width),
+            self.buffers[2 * layer].view(-1),
+            self.buffers[2 * layer + 1].view(-1),
+            self.params[g].view(-1),
+            self.params[s].view(-1),
+            training=False,
+            eps=self.bn_eps,
+        )
+        return out.view(m, P, width).transpose(0, 1)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _linear(self, h: Tensor, weight: Tensor, bias: Tensor, *, out: Tensor) -> Tensor:
+        if self.matmul_dtype is None:
+            return torch.baddbmm(bias.unsqueeze(1), h, weight, out=out)
+        dt = self.matmul_dtype
+        return torch.add(torch.bmm(h.to(dt), weight.to(dt)), bias.unsqueeze(1), out=out)
+
+    def _bmm(self, a: Tensor, b: Tensor, *, out: Tensor) -> Tensor:
+        if self.matmul_dtype is None:
+            return torch.bmm(a, b, out=out)
+        dt = self.matmul_dtype
+        return out.copy_(torch.bmm(a.to(dt), b.to(dt)))
+
+    def _workspace(self, b: int) -> _Workspace:
+        ws = self._workspaces.get(b)
+        if ws is None:
+            ws = _Workspace.allocate(
+                self.n_members,
+                b,
+                self.n_features,
+                self.widths,
+                self.device,
+                batch_norm=self.batch_norm,
+                dropout=self.has_dropout,
+            )
+            self._workspaces[b] = ws
+        return ws
+
+
+@dataclass
+class _Workspace:
+    """Every per-step activation and gradient buffer for one (P, batch size)."""
+
+    x: Tensor  # [P, b, F] gathered inputs
+    y: Tensor  # [P, b, 1] gathered labels
+    z: list[Tensor]  # per hidden layer [P, b, w]: Linear output
+    a: list[Tensor]  # activation output
+    mask: list[Tensor]  # scaled dropout mask
+    h: list[Tensor]  # activation * mask (dropout only)
+    dh: list[Tensor]  # gradient w.r.t. the hidden layer's output (after dropout)
+    dz: list[Tensor]  # gradient w.r.t. the activation's input
+    dz_bn: list[Tensor]  # gradient w.r.t. the Linear output (batch norm only)
+    zt: list[Tensor]  # [b, P * w] batch-norm layout of z
+    dyt: list[Tensor]  # [b, P * w] batch-norm layout of dz
+    logits: Tensor  # [P, b, C]
+    dlogits: Tensor  # log-softmax, then the logits' gradient
+    neg_inv_b: Tensor  # [P, b, 1] filled with -1/b: the "- 1_y" of the CE gradient
+    pre: list[Tensor] = field(default_factory=list)  # activation inputs of this step
+    bn_saved: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    @property
+    def out(self) -> list[Tensor]:
+        """Each hidden layer's output as the next layer sees it."""
+        return self.h if self.h else self.a
+
+    @classmethod
+    def allocate(
+        cls,
+        P: int,
+        b: int,
+        n_features: int,
+        widths: list[int],
+        device: torch.device,
+        *,
+        batch_norm: bool,
+        dropout: bool,
+    ) -> _Workspace:
+        hidden, n_classes = widths[:-1], widths[-1]
+
+        def per_layer(shape_of: Callable[[int], tuple[int, ...]], on: bool = True) -> list[Tensor]:
+            return [torch.empty(shape_of(w), device=device) for w in hidden] if on else []
+
+        def pbw(w: int) -> tuple[int, ...]:
+            return (P, b, w)
+
+        def bpw(w: int) -> tuple[int, ...]:
+            return (b, P * w)
+
+        ws = cls(
+            x=torch.empty(P, b, n_features, device=device),
+            y=torch.empty(P, b, 1, dtype=torch.int64, device=device),
+            z=per_layer(pbw),
+            a=per_layer(pbw),
+            mask=per_layer(pbw, dropout),
+            h=per_layer(pbw, dropout),
+            dh=per_layer(pbw),
+            dz=per_layer(pbw),
+            dz_bn=per_layer(pbw, batch_norm),
+            zt=per_layer(bpw, batch_norm),
+            dyt=per_layer(bpw, batch_norm),
+            logits=torch.empty(P, b, n_classes, device=device),
+            dlogits=torch.empty(P, b, n_classes, device=device),
+            neg_inv_b=torch.full((P, b, 1), -1.0 / b, device=device),
+        )
+        ws.pre = list(ws.z)
+        ws.bn_saved = [(ws.z[0], ws.z[0])] * len(hidden)  # placeholders until a forward pass
+        return ws
+
+
+def _act_forward(name: str, x: Tensor, out: Tensor) -> Tensor:
+    """``make_activation(name)(x)`` written into ``out``."""
+    aten = torch.ops.aten
+    if name == "relu":
+        return aten.relu.out(x, out=out)
+    if name == "leaky_relu":
+        return aten.leaky_relu.out(x, LEAKY_RELU_SLOPE, out=out)
+    if name == "elu":
+        return aten.elu.out(x, 1.0, 1.0, 1.0, out=out)
+    if name == "selu":
+        return aten.elu.out(x, _SELU_ALPHA, _SELU_SCALE, 1.0, out=out)
+    if name == "gelu":
+        return aten.gelu.out(x, approximate="none", out=out)
+    if name == "tanh":
+        return torch.tanh(x, out=out)
+    if name == "sigmoid":
+        return torch.sigmoid(x, out=out)
+    raise ValueError(f"activation: unknown {name!r}")
+
+
+def _act_backward(name: str, grad: Tensor, x: Tensor, y: Tensor, out: Tensor) -> Tensor:
+    """Gradient w.r.t. the activation input ``x`` (output ``y``): autograd's own kernels."""
+    aten = torch.ops.aten
+    if name == "relu":
+        return aten.threshold_backward.grad_input(grad, y, 0.0, grad_input=out)
+    if name == "leaky_relu":
+        return aten.leaky_relu_backward.grad_input(grad, x, LEAKY_RELU_SLOPE, False, grad_input=out)
+    if name == "elu":
+        return aten.elu_backward.grad_input(grad, 1.0, 1.0, 1.0, False, x, grad_input=out)
+    if name == "selu":
+        return aten.elu_backward.grad_input(
+            grad, _SELU_ALPHA, _SELU_SCALE, 1.0, False, x, grad_input=out
+        )
+    if name == "gelu":
+        return aten.gelu_backward.grad_input(grad, x, approximate="none", grad_input=out)
+    if name == "tanh":
+        return aten.tanh_backward.grad_input(grad, y, grad_input=out)
+    if name == "sigmoid":
+        return aten.sigmoid_backward.grad_input(grad, y, grad_input=out)
+    raise ValueError(f"activation: unknown {name!r}")
+
+
+__all__ = ["StackedMLP"]
