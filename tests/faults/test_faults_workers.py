@@ -51,8 +51,10 @@ def test_sigkill_mid_population_epoch(sqlite_env: FaultEnv, figure: Callable[[st
 def _sigkill_mid_epoch(env: FaultEnv, figure: Callable[[str], None], *, population: int) -> None:
     job = env.submit(slow_spec("sigkill", n_trials=3, epochs=4))
     a = env.worker("a", HPO_POPULATION=str(population))
-    b = env.worker("b", HPO_POPULATION=str(population))
+    # b starts once a holds its trials: two workers polling at once race for the slots, and with
+    # population > 1 the winner may take the whole budget, leaving a nothing to be killed in.
     env.wait_trial(job, mid_epoch(a), 90, "worker a inside epoch 2")
+    b = env.worker("b", HPO_POPULATION=str(population))
     time.sleep(0.3)
     victims = [t for t in env.trials(job) if t.state == TrialState.RUNNING and worker_of(a)(t)]
     a.signal(signal.SIGKILL)

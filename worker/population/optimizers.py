@@ -195,26 +195,27 @@ class BatchedRMSprop(BatchedOptimizer):
 
     def _init_state(self, params: Sequence[Tensor]) -> None:
         self.state["square_avg"] = [torch.zeros_like(p) for p in params]
-        self.state["momentum_buffer"] = [torch.zeros_like(p) for p in params]
+        if bool((self.hp["momentum"] > 0).any()):  # torch: zeros, only when momentum > 0
+            self.state["momentum_buffer"] = [torch.zeros_like(p) for p in params]
 
     def _refresh(self) -> None:
         super()._refresh()
         self.eps = self._coef(self.hp["eps"])
         self.momentum = self._coef(self.hp["momentum"])
-        self.any_momentum = bool((self.hp["momentum"] > 0).any())
         self.alpha = self._uniform("alpha")
         self.alpha_t = self._coef(self.hp["alpha"])
         self.one_minus_alpha_t = self._coef(1 - self.hp["alpha"])
         self.scale, self.shift = _folded_denominator(-self.hp["lr"], self.hp["eps"])
 
     def _update(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        buffers = self.state.get("momentum_buffer", self.scratch)  # scratch: a placeholder
         for p, g, sq, buf, s in self._each(
-            params, grads, self.state["square_avg"], self.state["momentum_buffer"], self.scratch
+            params, grads, self.state["square_avg"], buffers, self.scratch
         ):
             self._coupled_decay(p, g)
             _ema_square_(sq, g, s, self.alpha, self.alpha_t, self.one_minus_alpha_t)
             torch.sqrt(sq, out=s)
-            if self.any_momentum:
+            if "momentum_buffer" in self.state:
                 # A member with momentum 0 gets buf = g / avg: torch's momentum-free update.
                 s.add_(self.eps)  # avg
                 buf.mul_(self.momentum).addcdiv_(g, s)

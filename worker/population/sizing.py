@@ -1,16 +1,18 @@
 """How many trials to stack into one population, from the device and the model size.
 
-CPU: a population pays off by making each step's matmuls big enough to run near the BLAS
-peak and by sharing the fixed per-step cost (~70 small tensor ops, a few microseconds each)
-among P members. Measured on 2 EPYC cores (bench/population_micro.py, 784-128-10 MLP,
-batch 128): throughput per member rises steeply up to a stack of a few million parameters
-and is flat to slightly lower beyond (the optimizer's passes over the stacked state leave
-the cache), and for a 64-32-10 MLP the best P was 64. So P targets a stack of
-``CPU_STACK_PARAMS`` parameters, within [``CPU_MIN``, ``CPU_MAX``].
+CPU: stacking pays by turning many small per-op costs into a few big ops, and stops paying
+once a step's working set (weights, gradients, two optimizer states, scratch, gathered
+inputs: ~``CPU_COPIES`` fp32 copies of the stack) no longer fits the last-level cache, so P
+targets a stack of ``L3 bytes / (4 * CPU_COPIES)`` parameters, within [``CPU_MIN``,
+``CPU_MAX``]. Measured on this project's 2-core EPYC (32 MiB L3, bench/population_micro.py,
+784-128-10 MLP, batch 128, Adam, 2 threads, best of 8 interleaved rounds): % of the fp32
+matmul peak was sequential 49-55, P=2 79, P=4 78-88, P=8 83, P=16 75, P=32 70, P=64 67;
+the rule gives P=8 there. For a 64-32-10 MLP (1 thread, CPU time) P=64 was best, 16 and 128
+slower, hence ``CPU_MAX``.
 
-CUDA: a GPU needs far more parallel work than any single MLP of this service offers, so P is
-as large as memory allows, up to ``CUDA_MAX`` (per-member Python bookkeeping per epoch is
-what bounds it then).
+CUDA: a GPU needs far more parallel work than one MLP of this service offers, so P is as
+large as memory allows, up to ``CUDA_MAX`` (per-member bookkeeping per epoch, a few Python
+calls each, is what bounds it then).
 
 Both: P never exceeds what fits in a memory budget (a quarter of the available RAM, half of
 the free GPU memory) at ``BYTES_PER_PARAM`` per member parameter plus the member's int64
@@ -19,16 +21,17 @@ data permutation.
 
 from __future__ import annotations
 
-import math
 import os
+from pathlib import Path
 
 import torch
 
-CPU_STACK_PARAMS = 3_200_000  # 784-128-10 (101,770 params) -> P = 32
-CPU_MIN, CPU_MAX = 4, 64  # 64: the measured best for a 64-32-10 MLP; beyond, no gain
+CPU_COPIES = 10  # fp32 copies of the stack touched by every step (see module doc)
+CPU_MIN, CPU_MAX = 2, 64
+DEFAULT_L3_BYTES = 32 * 2**20  # when sysfs does not say
 CUDA_MAX = 512
-# fp32 weights, gradients, best snapshot, up to two optimizer states, scratch, the member's
-# own nn.Sequential, and transient copies when members leave: ~9 copies, plus headroom.
+# Memory per member parameter: fp32 weights, gradients, best snapshot, up to two optimizer
+# states, scratch, the member's own nn.Sequential and transient copies when members leave.
 BYTES_PER_PARAM = 4 * 10
 CPU_MEMORY_SHARE = 0.25
 CUDA_MEMORY_SHARE = 0.5
@@ -47,8 +50,26 @@ def auto_population_size(
         by_memory = int(CUDA_MEMORY_SHARE * free) // per_member
         return max(1, min(CUDA_MAX, by_memory))
     by_memory = int(CPU_MEMORY_SHARE * _available_ram()) // per_member
-    by_work = math.ceil(CPU_STACK_PARAMS / n_parameters_per_member)
-    return max(1, min(by_memory, max(CPU_MIN, min(CPU_MAX, by_work))))
+    stack_params = last_level_cache_bytes() // (4 * CPU_COPIES)
+    by_cache = stack_params // n_parameters_per_member
+    return max(1, min(by_memory, max(CPU_MIN, min(CPU_MAX, by_cache))))
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (L3 on x86) from sysfs; ``DEFAULT_L3_BYTES`` if unknown."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        try:
+            if text.endswith("K"):
+                sizes.append(int(text[:-1]) * 2**10)
+            elif text.endswith("M"):
+                sizes.append(int(text[:-1]) * 2**20)
+            else:
+                sizes.append(int(text))
+        except ValueError:
+            continue
+    return max(sizes, default=DEFAULT_L3_BYTES)
 
 
 def _available_ram() -> int:
@@ -65,9 +86,10 @@ def _available_ram() -> int:
 
 __all__ = [
     "BYTES_PER_PARAM",
+    "CPU_COPIES",
     "CPU_MAX",
     "CPU_MIN",
-    "CPU_STACK_PARAMS",
     "CUDA_MAX",
     "auto_population_size",
+    "last_level_cache_bytes",
 ]

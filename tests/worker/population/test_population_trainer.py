@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from worker.population import auto_population_size, group_configs, train_population
+from worker.population import auto_population_size, group_configs, sizing, train_population
 from worker.training import (
     EpochMetrics,
     TensorSplits,
@@ -362,13 +362,16 @@ def test_results_account_for_the_wall_time(small_digits: TensorSplits) -> None:
 MNIST_MLP = 784 * 128 + 128 + 128 * 10 + 10
 
 
-def test_auto_population_size_on_cpu() -> None:
+def test_auto_population_size_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sizing.last_level_cache_bytes() >= 2**20  # sysfs, or the 32 MiB default
+    monkeypatch.setattr(sizing, "last_level_cache_bytes", lambda: 32 * 2**20)  # this machine's
     cpu = torch.device("cpu")
-    mnist = auto_population_size(MNIST_MLP, 7000, cpu)
-    assert mnist == 32  # the measured sweet spot (bench/population_micro.py)
-    assert auto_population_size(100, 1000, "cpu") == 64  # tiny models: the CPU cap
-    assert auto_population_size(2_000_000, 7000, cpu) == 4  # big models: a few members
+    assert auto_population_size(MNIST_MLP, 7000, cpu) == 8  # the measured sweet spot
+    assert auto_population_size(100, 1000, "cpu") == sizing.CPU_MAX  # tiny models
+    assert auto_population_size(2_000_000, 7000, cpu) == sizing.CPU_MIN  # big models
     assert auto_population_size(10**10, 7000, cpu) == 1  # nothing fits: sequential
+    monkeypatch.setattr(sizing, "last_level_cache_bytes", lambda: 256 * 2**20)  # a big server
+    assert auto_population_size(MNIST_MLP, 7000, cpu) == 64
     with pytest.raises(ValueError):
         auto_population_size(0, 7000, cpu)
 
