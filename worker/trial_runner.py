@@ -281,8 +281,16 @@ def run_trial(ctx: TrialContext) -> TrialOutcome:
 
 def finish_interrupted(ctx: TrialContext, trial: optuna.Trial, exc: BaseException) -> TrialOutcome:
     """Map the exception that ended a trial to its state (the one place this mapping lives)."""
+    return _settled(ctx, trial, lambda: _finish_interrupted(ctx, trial, exc))
+
+
+def _settled(
+    ctx: TrialContext, trial: optuna.Trial, record: Callable[[], TrialOutcome]
+) -> TrialOutcome:
+    """Run a trial's final storage writes: a trial already finished elsewhere (stale heartbeat)
+    is LOST, and one whose database stays away is abandoned to the reaper."""
     try:
-        return _finish_interrupted(ctx, trial, exc)
+        return record()
     except UpdateFinishedTrialError:
         return _lost(ctx, trial)
     except Exception as e:
@@ -347,14 +355,7 @@ def _abandon(ctx: TrialContext, trial: optuna.Trial, exc: BaseException) -> Tria
 
 def finish(ctx: TrialContext, trial: optuna.Trial, result: TrialResult) -> TrialOutcome:
     """Record a trained trial's result and tell it."""
-    try:
-        return _finish(ctx, trial, result)
-    except UpdateFinishedTrialError:
-        return _lost(ctx, trial)
-    except Exception as e:
-        if is_transient(e):
-            return _abandon(ctx, trial, e)
-        raise
+    return _settled(ctx, trial, lambda: _finish(ctx, trial, result))
 
 
 def _finish(ctx: TrialContext, trial: optuna.Trial, result: TrialResult) -> TrialOutcome:
