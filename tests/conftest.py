@@ -84,3 +84,29 @@ def hpo_workers(tmp_path: Path) -> Iterator[Callable[..., list[HpoProcess]]]:
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Record a measured figure (recovery time, counts); printed in the terminal summary, so a
+    CI log carries the numbers the issues ask for."""
+
+    def record(text: str) -> None:
+        request.node.user_properties.append(("figure", text))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = [
+        f"{rep.nodeid}: {v}"
+        for key in ("passed", "failed")
+        for rep in terminalreporter.stats.get(key, [])
+        if getattr(rep, "when", "") == "call"
+        for k, v in rep.user_properties
+        if k == "figure"
+    ]
+    if lines:
+        terminalreporter.section("measured figures")
+        for line in lines:
+            terminalreporter.write_line(line)

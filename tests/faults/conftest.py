@@ -3,7 +3,7 @@ on SQLite or on a fresh PostgreSQL database, and the figures each test measured.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,28 +35,3 @@ def pg_env(tmp_path: Path) -> Iterator[FaultEnv]:
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def any_env(request: pytest.FixtureRequest) -> FaultEnv:
     return request.getfixturevalue("sqlite_env" if request.param == "sqlite" else "pg_env")  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
-    """Record a measured figure (recovery time, counts); printed in the terminal summary."""
-
-    def record(text: str) -> None:
-        request.node.user_properties.append(("figure", text))
-
-    return record
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    lines = []
-    for key in ("passed", "failed"):
-        for rep in terminalreporter.stats.get(key, []):
-            if getattr(rep, "when", "") != "call":
-                continue
-            if not rep.nodeid.startswith("tests/faults"):
-                continue
-            lines += [f"{rep.nodeid}: {v}" for k, v in rep.user_properties if k == "figure"]
-    if lines:
-        terminalreporter.section("measured figures: faults")
-        for line in lines:
-            terminalreporter.write_line(line)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,25 +69,3 @@ def server(tmp_path: Path) -> Iterator[Server]:
     s = start_secure_server(tmp_path)
     yield s
     s.process.stop()
-
-
-@pytest.fixture
-def figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
-    """Record a measured figure (counts); printed in the terminal summary."""
-
-    def record(text: str) -> None:
-        request.node.user_properties.append(("figure", text))
-
-    return record
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    lines = []
-    for key in ("passed", "failed"):
-        for rep in terminalreporter.stats.get(key, []):
-            if getattr(rep, "when", "") == "call" and rep.nodeid.startswith("tests/security"):
-                lines += [f"{rep.nodeid}: {v}" for k, v in rep.user_properties if k == "figure"]
-    if lines:
-        terminalreporter.section("measured figures: security")
-        for line in lines:
-            terminalreporter.write_line(line)
