@@ -49,6 +49,13 @@ def _field_and_message(loc: tuple[Any, ...] | list[Any], msg: str) -> tuple[str,
     return ".".join(parts) or "body", msg
 
 
+def _unavailable(request: Request, detail: str) -> JSONResponse:
+    """503 with Retry-After: the database is away; clients should retry, nothing was lost."""
+    return problem(
+        503, "Database unavailable", detail, instance=request.url.path, headers={"Retry-After": "5"}
+    )
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(HPOError)
     async def _hpo(request: Request, exc: HPOError) -> JSONResponse:
@@ -106,24 +113,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def _db_down(request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc.orig)
-        return problem(
-            503,
-            "Database unavailable",
-            "the database cannot be reached right now; retry shortly",
-            instance=request.url.path,
-            headers={"Retry-After": "5"},
-        )
+        return _unavailable(request, "the database cannot be reached right now; retry shortly")
 
     @app.exception_handler(DBAPIError)
     async def _db_error(request: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated or is_transient(exc):
-            return problem(
-                503,
-                "Database unavailable",
-                "the database connection was lost; retry shortly",
-                instance=request.url.path,
-                headers={"Retry-After": "5"},
-            )
+            return _unavailable(request, "the database connection was lost; retry shortly")
         log.exception("database error")
         return problem(
             500, "Internal error", "a database error occurred", instance=request.url.path
@@ -139,13 +134,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         if is_transient(exc):  # e.g. Optuna's StorageInternalError wrapping a dropped connection
             log.warning("database unavailable: %s", describe(exc))
-            return problem(
-                503,
-                "Database unavailable",
-                "the database cannot be reached right now; retry shortly",
-                instance=request.url.path,
-                headers={"Retry-After": "5"},
-            )
+            return _unavailable(request, "the database cannot be reached right now; retry shortly")
         log.exception("unhandled error on %s", request.url.path)
         return problem(
             500,
