@@ -12,7 +12,9 @@ from worker.population.optimizers import (
     BatchedOptimizer,
     BatchedRMSprop,
     BatchedSGD,
+    MixedBatchedOptimizer,
     build_batched_optimizer,
+    optimizer_order,
 )
 from worker.population.sizing import auto_population_size
 from worker.population.stacked import StackedMLP
@@ -32,10 +34,12 @@ __all__ = [
     "BatchedOptimizer",
     "BatchedRMSprop",
     "BatchedSGD",
+    "MixedBatchedOptimizer",
     "StackedMLP",
     "auto_population_size",
     "build_batched_optimizer",
     "group_configs",
+    "optimizer_order",
     "population_key",
     "train_population",
 ]

@@ -14,14 +14,15 @@ Adagrad lr_decay, ...) have one source of truth. Agreement with torch.optim, mem
 member, is pinned by tests/worker/population/test_population_optimizers.py (50 steps,
 max abs difference <= 1e-5).
 
-All members of one batched optimizer use the same optimizer name; the population trainer
-groups members by it. Buffers (state, scratch) are allocated once and reused every step:
+All members of one batched optimizer use the same optimizer name; ``MixedBatchedOptimizer``
+trains several in one stack, one batched optimizer per contiguous run of members. Buffers (state, scratch) are allocated once and reused every step:
 on CPU a fresh multi-megabyte temporary per op costs page faults that are comparable to
 the update itself.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
@@ -278,10 +279,72 @@ def build_batched_optimizer(
 ) -> BatchedOptimizer:
     """The batched optimizer for members that all use the same ``config.optimizer``."""
     names = {c.optimizer for c in configs}
-    for cls in _CLASSES:
-        if names and names <= set(cls.names):
-            return cls(configs, params)
+    if len(names) == 1:
+        for cls in _CLASSES:
+            if names <= set(cls.names):
+                return cls(configs, params)
     raise ValueError(f"batched optimizer: members must share one optimizer, got {sorted(names)}")
+
+
+class MixedBatchedOptimizer:
+    """Members of several optimizers in one stack: one batched optimizer per contiguous run.
+
+    The stack is ordered so that each optimizer's members sit next to each other (see
+    ``optimizer_order``); a run's update works on the ``[start:end]`` slices of the stacked
+    tensors, which are contiguous views, so the per-member numbers are exactly those of a
+    stack of that optimizer alone. Mixing optimizers costs a few extra small ops per step (one
+    set per run) instead of training each optimizer's members as a separate, narrower stack.
+    """
+
+    def __init__(self, configs: Sequence[TrialConfig], params: Sequence[Tensor]) -> None:
+        if not configs:
+            raise ValueError("batched optimizer: no members")
+        self.runs: list[tuple[int, int, BatchedOptimizer]] = []
+        start = 0
+        for _name, group in itertools.groupby(configs, key=lambda c: c.optimizer):
+            end = start + len(list(group))
+            sliced = [p[start:end] for p in params]
+            self.runs.append((start, end, build_batched_optimizer(configs[start:end], sliced)))
+            start = end
+        names = [run.name for _, _, run in self.runs]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"batched optimizer: members of one optimizer must be adjacent: {names}"
+            )
+        self.n_members = len(configs)
+
+    def set_lr(self, lrs: Sequence[float]) -> None:
+        if len(lrs) != self.n_members:
+            raise ValueError(f"set_lr: {len(lrs)} values for {self.n_members} members")
+        for start, end, run in self.runs:
+            run.set_lr(lrs[start:end])
+
+    def select(self, index: Tensor) -> None:
+        """Keep only the members at ``index`` (ascending positions in the current stack)."""
+        positions = [int(i) for i in index]
+        if positions != sorted(positions):
+            raise ValueError("select: positions must be ascending (runs stay contiguous)")
+        runs, start = [], 0
+        for lo, hi, run in self.runs:
+            local = [pos - lo for pos in positions if lo <= pos < hi]
+            if local:
+                run.select(torch.tensor(local, dtype=torch.int64))
+                runs.append((start, start + len(local), run))
+                start += len(local)
+        self.runs = runs
+        self.n_members = start
+
+    def step(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        for start, end, run in self.runs:
+            run.step([p[start:end] for p in params], [g[start:end] for g in grads])
+
+
+def optimizer_order(configs: Sequence[TrialConfig]) -> list[int]:
+    """Indices of ``configs`` with each optimizer's members adjacent, in order of appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, config in enumerate(configs):
+        groups.setdefault(config.optimizer, []).append(i)
+    return [i for group in groups.values() for i in group]
 
 
 def _folded_denominator(
@@ -349,5 +412,7 @@ __all__ = [
     "BatchedOptimizer",
     "BatchedRMSprop",
     "BatchedSGD",
+    "MixedBatchedOptimizer",
     "build_batched_optimizer",
+    "optimizer_order",
 ]

@@ -16,10 +16,11 @@ mean tracking it drift apart from the sequential run's and validation losses agr
 rather than ~1e-6 (train losses still agree tightly). Two sequential runs with different
 thread counts drift the same way.
 
-Groups: members are split by optimizer name (``sgd``, ``momentum``, ... each its own batched
-update) and the groups train **one after another**, in order of first appearance in
-``configs``. A group of one member runs the sequential code itself (``P = 1`` is exactly the
-sequential path) except with ``autocast="bf16"``, which only the batched path implements.
+Stack order: all members train in one stack, reordered so that each optimizer's members are
+adjacent (``optimizer_order``; one batched optimizer per run, ``MixedBatchedOptimizer``);
+``on_epoch`` is called in that order and results come back in the order of ``configs``. A
+population of one member runs the sequential code itself (``P = 1`` is exactly the sequential
+path) except with ``autocast="bf16"``, which only the batched path implements.
 
 Time: ``duration_s`` is the member's share of the population's wall time: the group's setup
 and each epoch's shared work (training, validation, bookkeeping) split equally among the
@@ -48,7 +49,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from worker.population.optimizers import build_batched_optimizer
+from worker.population.optimizers import MixedBatchedOptimizer, optimizer_order
 from worker.population.stacked import StackedMLP
 from worker.training import (
     EpochMetrics,
@@ -104,7 +105,7 @@ def train_population(
     All configs must share ``POPULATION_KEY_FIELDS`` (ValueError otherwise; see
     ``group_configs``). ``device`` defaults to the data's device; the data is moved there
     once. ``on_epoch(i, metrics)`` is called for member ``configs[i]`` after each of its
-    epochs, members in order within an optimizer group; if it raises an ``Exception`` the
+    epochs, in stack order (see the module doc); if it raises an ``Exception`` the
     member stops: its best weights are restored, the exception is stored in its result's
     ``interrupted`` and the others continue. ``BaseException``s that are not ``Exception``s
     (KeyboardInterrupt, SystemExit) propagate at once.
@@ -125,29 +126,20 @@ def train_population(
     data = data.to(device)
     results: list[TrialResult | None] = [None] * len(configs)
     with _matmul_precision(autocast, device):
-        for indices in _by_optimizer(configs):
-            if len(indices) == 1 and autocast != "bf16":
-                (i,) = indices
-                results[i] = _train_alone(configs[i], i, data, device, on_epoch)
-                continue
-            population = _Population(
-                [configs[i] for i in indices],
-                indices,
-                data,
-                device,
-                on_epoch,
-                torch.bfloat16 if autocast == "bf16" else None,
-            )
-            for i, result in zip(indices, population.run(), strict=True):
-                results[i] = result
+        if len(configs) == 1 and autocast != "bf16":
+            return [_train_alone(configs[0], 0, data, device, on_epoch)]
+        order = optimizer_order(configs)
+        population = _Population(
+            [configs[i] for i in order],
+            order,
+            data,
+            device,
+            on_epoch,
+            torch.bfloat16 if autocast == "bf16" else None,
+        )
+        for i, result in zip(order, population.run(), strict=True):
+            results[i] = result
     return [r for r in results if r is not None]
-
-
-def _by_optimizer(configs: Sequence[TrialConfig]) -> list[list[int]]:
-    groups: dict[str, list[int]] = {}
-    for i, config in enumerate(configs):
-        groups.setdefault(config.optimizer, []).append(i)
-    return list(groups.values())
 
 
 @contextmanager
@@ -266,7 +258,7 @@ class _Member:
 
 
 class _Population:
-    """Members that share architecture, batch size, max_epochs and optimizer name."""
+    """Members that share architecture, batch size and max_epochs, each optimizer's adjacent."""
 
     def __init__(
         self,
@@ -301,7 +293,7 @@ class _Population:
             dropout_seed=_mixed_seed(configs),
             matmul_dtype=matmul_dtype,
         )
-        self.optimizer = build_batched_optimizer(configs, self.stack.params)
+        self.optimizer = MixedBatchedOptimizer(configs, self.stack.params)
         setup_share = (time.perf_counter() - started) / len(configs)
         for m in self.members:
             m.duration_s += setup_share

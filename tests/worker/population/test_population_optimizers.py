@@ -7,7 +7,12 @@ from typing import Any
 import pytest
 import torch
 
-from worker.population import BatchedOptimizer, build_batched_optimizer
+from worker.population import (
+    BatchedOptimizer,
+    MixedBatchedOptimizer,
+    build_batched_optimizer,
+    optimizer_order,
+)
 from worker.training import TrialConfig, build_optimizer
 
 STEPS = 50
@@ -118,3 +123,68 @@ def test_mixed_optimizers_are_refused() -> None:
     configs = [TrialConfig(hidden_layers=(4,), optimizer=o) for o in ("adam", "sgd")]
     with pytest.raises(ValueError, match="share one optimizer"):
         build_batched_optimizer(configs, [torch.zeros(2, 3)])
+
+
+def _mixed_configs() -> list[TrialConfig]:
+    """Two members of every optimizer, interleaved the way a sampler would ask them."""
+    names = list(LRS)
+    return [
+        TrialConfig(
+            hidden_layers=(4,),
+            optimizer=name,
+            learning_rate=LRS[name][j],
+            weight_decay=WEIGHT_DECAYS[j + 1],
+        )
+        for j in range(2)
+        for name in names
+    ]
+
+
+def test_one_stack_of_every_optimizer_matches_torch_optim_and_survives_select() -> None:
+    configs = _mixed_configs()
+    order = optimizer_order(configs)
+    assert [configs[i].optimizer for i in order] == [n for n in LRS for _ in range(2)]
+    ordered = [configs[i] for i in order]
+    P = len(ordered)
+    gen = torch.Generator().manual_seed(2)
+    stacked = [torch.randn(P, *shape, generator=gen) for shape in SHAPES]
+    singles = [[torch.nn.Parameter(t[j].clone()) for t in stacked] for j in range(P)]
+    references = [build_optimizer(ps, c) for ps, c in zip(singles, ordered, strict=True)]
+    batched = MixedBatchedOptimizer(ordered, stacked)
+    assert len(batched.runs) == len(LRS)
+
+    alive = list(range(P))
+    for step in range(1, STEPS + 1):
+        if step == 20:  # both sgd members, one adam and the last adamw leave the stack
+            gone = {0, 1, 10, 13}
+            keep = [pos for pos in range(len(alive)) if alive[pos] not in gone]
+            alive = [alive[pos] for pos in keep]
+            index = torch.tensor(keep)
+            batched.select(index)
+            stacked = [t.index_select(0, index) for t in stacked]
+        if step == 30:
+            batched.set_lr([ordered[j].learning_rate * 0.5 for j in alive])
+            for j in alive:
+                references[j].param_groups[0]["lr"] = ordered[j].learning_rate * 0.5
+        noises = [torch.randn(len(alive), *shape, generator=gen) for shape in SHAPES]
+        batched.step(stacked, [_grad(p, n) for p, n in zip(stacked, noises, strict=True)])
+        for pos, j in enumerate(alive):
+            for p, n in zip(singles[j], noises, strict=True):
+                p.grad = _grad(p.detach(), n[pos])
+            references[j].step()
+
+    assert len(batched.runs) == len(LRS) - 1  # the sgd run is gone
+    for pos, j in enumerate(alive):
+        for t, p in zip(stacked, singles[j], strict=True):
+            diff = (t[pos] - p.detach()).abs().max().item()
+            assert diff <= TOLERANCE, (ordered[j].optimizer, j, diff)
+
+
+def test_mixed_optimizer_needs_each_optimizer_adjacent_and_ascending_selects() -> None:
+    configs = [TrialConfig(hidden_layers=(4,), optimizer=o) for o in ("adam", "sgd", "adam")]
+    with pytest.raises(ValueError, match="adjacent"):
+        MixedBatchedOptimizer(configs, [torch.zeros(3, 2)])
+    ordered = [configs[i] for i in optimizer_order(configs)]
+    batched = MixedBatchedOptimizer(ordered, [torch.zeros(3, 2)])
+    with pytest.raises(ValueError, match="ascending"):
+        batched.select(torch.tensor([2, 0]))
