@@ -1,0 +1,71 @@
+"""worker.trial_runner pieces that are not exercised end to end elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+from worker.trial_runner import PruningSnapshot
+
+
+def _study(tmp_path: Path, pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(direction="maximize", storage=storage, pruner=pruner)
+    for i in range(6):  # finished trials with learning curves at different heights
+        t = study.ask()
+        for step in range(1, 6):
+            t.report(0.5 + 0.05 * i + 0.01 * step, step)
+        study.tell(t, 0.5 + 0.05 * i + 0.05)
+    return study
+
+
+@pytest.mark.parametrize(
+    "pruner",
+    [
+        optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+        optuna.pruners.PercentilePruner(25.0, n_startup_trials=3),
+        optuna.pruners.SuccessiveHalvingPruner(),
+        optuna.pruners.NopPruner(),
+    ],
+    ids=["median", "percentile", "successive-halving", "nop"],
+)
+def test_snapshot_decides_as_trial_should_prune(
+    tmp_path: Path, pruner: optuna.pruners.BasePruner
+) -> None:
+    study = _study(tmp_path, pruner)
+    members = [study.ask() for _ in range(8)]
+    snapshot = PruningSnapshot()
+    decisions = []
+    for step in range(1, 6):
+        for j, t in enumerate(members):
+            t.report(0.45 + 0.04 * j + 0.01 * step, step)
+            expected = t.should_prune()
+            assert snapshot.should_prune(t, step) == expected, (step, j)
+            decisions.append(expected)
+    if isinstance(pruner, optuna.pruners.PercentilePruner):  # the snapshot's own path
+        assert any(decisions) and not all(decisions)  # the case decides both ways
+
+
+def test_one_read_of_the_finished_trials_per_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = _study(tmp_path, optuna.pruners.MedianPruner(n_startup_trials=3))
+    members = [study.ask() for _ in range(8)]
+    storage = study._storage
+    reads: list[Any] = []
+    real = storage.get_all_trials
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reads.append(kwargs.get("states"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "get_all_trials", counted)
+    snapshot = PruningSnapshot()
+    for step in range(1, 4):
+        for t in members:
+            t.report(0.6, step)
+            snapshot.should_prune(t, step)
+    assert len(reads) == 3  # 3 epochs x 8 members: one read per epoch
