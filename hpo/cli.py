@@ -85,8 +85,13 @@ def worker(
     settings = _settings(storage)
     if population is not None:
         settings = settings.model_copy(update={"population": population})
-    w = Worker(settings, once=once, max_trials=max_trials)
+    w = Worker(settings, once=once, max_trials=max_trials)  # warms torch up (worker.runtime)
     w.install_signal_handlers()
+    size = "auto" if settings.population is None else str(settings.population)
+    err_console.print(
+        f"worker ready: polling every {settings.poll_interval_s:g} s, population {size}",
+        highlight=False,
+    )
     n = w.run()
     err_console.print(f"worker stopped after {n} trials")
 

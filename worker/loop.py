@@ -42,7 +42,7 @@ from service.studies import (
 )
 from service.submission import estimate_parameters
 from worker.population_runner import run_population
-from worker.runtime import JobRuntime, RuntimeCache
+from worker.runtime import JobRuntime, RuntimeCache, warm_up
 from worker.training import EpochMetrics
 from worker.trial_runner import (
     REQUEUE_OF_ATTR,
@@ -92,6 +92,7 @@ class Worker:
         if self.settings.torch_threads is not None:
             # Several workers on one machine must not oversubscribe its cores.
             torch.set_num_threads(max(1, self.settings.torch_threads))
+        warm_up()
         self._last_reap = 0.0
         self._reaps = 0
         self._reap_lock = threading.Lock()

@@ -18,6 +18,23 @@ from service.studies import load_job_study
 from worker.training import TensorSplits, resolve_device, to_tensors
 
 
+def warm_up() -> None:
+    """Pay the process's one-off costs before the first job, not inside it.
+
+    The first ``torch.optim`` optimizer a process builds imports ``torch._dynamo`` (about 1 s
+    here), the first split imports scikit-learn (about 1.3 s) and the first matmul starts the
+    intra-op thread pool. A worker is long-lived, so paying these at start keeps them out of
+    the first job's trials (measured in the service benchmark, bench/run.py).
+    """
+    from sklearn.model_selection import train_test_split  # noqa: F401  (make_splits')
+
+    from worker.population import StackedMLP  # noqa: F401  (the population trainer's imports)
+
+    weight = torch.zeros(4, 4, requires_grad=True)
+    torch.optim.Adam([weight]).zero_grad()
+    torch.mm(weight.detach(), weight.detach())
+
+
 @dataclass
 class JobRuntime:
     job_id: str
