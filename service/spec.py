@@ -107,6 +107,14 @@ class TrainingSpec(BaseModel):
     split_seed: int = Field(default=defaults.SPLIT_SEED, description="Seed of the fixed split.")
     seed: int = Field(default=0, description="Base seed; each trial's seed derives from it.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "tf32"] = Field(
+        default="fp32",
+        description="Matmul precision. fp32: each trial's result equals the trial trained alone. "
+        "bf16: matmul inputs in bfloat16, weights, loss and optimizer in fp32 (about 2x the "
+        "matmul throughput on CPUs with AVX512-BF16 or AMX, and on GPUs; results differ from "
+        "fp32 in the last digits and are not bitwise reproducible across precisions). tf32: "
+        "TensorFloat-32 matmuls on CUDA, fp32 elsewhere.",
+    )
     train_subset: int | None = Field(
         default=None,
         ge=2,

@@ -222,7 +222,9 @@ class Worker:
             except BaseException:
                 self._release(job.id, n)
                 raise
-            outcomes = [run_trial(ctx)] if n == 1 else run_population(ctx, n)
+            # fp32 single trials take the sequential path; bf16/tf32 live in the population trainer.
+            sequential = n == 1 and rt.spec.training.precision == "fp32"
+            outcomes = [run_trial(ctx)] if sequential else run_population(ctx, n)
             for outcome in outcomes:
                 self.trials_run += 1
                 self._after_trial(job, outcome)

@@ -2,7 +2,9 @@
 
 Each member is asked, claimed, prepared, reported, pruned and told exactly like a sequential
 trial (``worker.trial_runner.run_trial``); only the training in between is batched
-(``worker.population.train_population``). P=1 never comes here: the worker uses ``run_trial``.
+(``worker.population.train_population``). A single fp32 trial never comes here (the worker
+uses ``run_trial``); a job with ``training.precision`` bf16 or tf32 always does, since only the
+population trainer implements those.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
     from worker.population import group_configs, train_population
 
     rt = ctx.rt
+    precision = rt.spec.training.precision
     trials: list[optuna.Trial] = []
     try:
         for _ in range(n):
@@ -57,7 +60,11 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
             try:
                 with interruptible():
                     results = train_population(
-                        [c for _, c in members], rt.data, device=rt.device, on_epoch=on_epoch
+                        [c for _, c in members],
+                        rt.data,
+                        device=rt.device,
+                        on_epoch=on_epoch,
+                        autocast=None if precision == "fp32" else precision,
                     )
             except Exception as e:  # the whole group ended (stop grace over, out of memory, ...)
                 for t, _ in members:

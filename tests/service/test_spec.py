@@ -29,6 +29,7 @@ def test_minimal_spec_gets_documented_defaults() -> None:
     assert spec.objective == "val_accuracy" and spec.direction == "maximize"
     assert spec.budget() == 3
     assert spec.training.validation_split == 0.2 and spec.training.test_split == 0.1
+    assert spec.training.precision == "fp32"  # results equal each trial trained alone
     assert '"dataset": {"name": "digits"}' in spec_to_json(spec)
 
 
@@ -69,6 +70,7 @@ def test_json_text_is_accepted() -> None:
             ">= 1",
         ),
         ("name: a\nn_trials: 2\nmodel:\n  activation: swish\n", "model.activation", 4, "relu"),
+        ("name: a\nn_trials: 2\ntraining:\n  precision: fp16\n", "training.precision", 4, "bf16"),
         ("name: a\nn_trials: 2\ndataset:\n  name: imagenet\n", "dataset", 3, "imagenet"),
         (
             "name: a\nn_trials: 2\ndataset:\n  name: synthetic\n  n_samples: 1\n",

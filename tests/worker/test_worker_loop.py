@@ -107,6 +107,37 @@ def test_population_results_equal_sequential_results(tmp_path: Path) -> None:
             ), (a.number, a.params)
 
 
+@pytest.mark.parametrize("population", [1, 4], ids=["one-trial", "population-4"])
+def test_bf16_jobs_train_in_the_population_trainer_and_match_fp32(
+    tmp_path: Path, population: int
+) -> None:
+    """training.precision bf16: every trial (a lone one too) trains with bfloat16 matmuls and
+    lands close to its fp32 twin: same parameters, validation accuracy within a few points."""
+    space = load_preset("default").model_dump(mode="json", exclude_none=True)
+    space["parameters"]["dropout"] = {"type": "fixed", "value": 0.0}
+    values = {}
+    for precision in ("fp32", "bf16"):
+        env = make_env(tmp_path / f"{precision}-{population}", population=population)
+        spec = random_spec(
+            n_trials=4, search_space=space, training={"max_epochs": 3, "precision": precision}
+        )
+        job = env.submit(spec)
+        env.worker(once=True).run()
+        assert_exact_budget(env, job)
+        values[precision] = {
+            t.number: (t.params, t.user_attrs["best_val_accuracy"])
+            for t in finished(env.study(job))
+        }
+    assert values["fp32"].keys() == values["bf16"].keys()
+    differs = False
+    for number, (params, acc) in values["fp32"].items():
+        bf16_params, bf16_acc = values["bf16"][number]
+        assert bf16_params == params
+        assert abs(bf16_acc - acc) <= 0.05, (number, params, acc, bf16_acc)
+        differs |= bf16_acc != acc
+    assert differs  # bf16 really trained differently (the fp32 path would be identical)
+
+
 def test_max_trials_is_respected(env: Env) -> None:
     job = env.submit(random_spec(n_trials=5))
     assert env.worker(once=True, max_trials=2).run() == 2
