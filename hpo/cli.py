@@ -85,13 +85,15 @@ def worker(
     settings = _settings(storage)
     if population is not None:
         settings = settings.model_copy(update={"population": population})
-    w = Worker(settings, once=once, max_trials=max_trials)  # warms torch up (worker.runtime)
-    w.install_signal_handlers()
     size = "auto" if settings.population is None else str(settings.population)
-    err_console.print(
-        f"worker ready: polling every {settings.poll_interval_s:g} s, population {size}",
-        highlight=False,
+    ready = f"worker ready: polling every {settings.poll_interval_s:g} s, population {size}"
+    w = Worker(
+        settings,
+        once=once,
+        max_trials=max_trials,
+        on_ready=lambda: err_console.print(ready, highlight=False),
     )
+    w.install_signal_handlers()
     n = w.run()
     err_console.print(f"worker stopped after {n} trials")
 

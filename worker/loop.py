@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
@@ -76,6 +77,7 @@ class Worker:
     max_trials: int | None = None
     allow_local_paths: bool = False
     listener: WorkerListener | None = None
+    on_ready: Callable[[], None] | None = None  # called once, when the loop starts taking trials
     trials_run: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -92,7 +94,6 @@ class Worker:
         if self.settings.torch_threads is not None:
             # Several workers on one machine must not oversubscribe its cores.
             torch.set_num_threads(max(1, self.settings.torch_threads))
-        warm_up()
         self._last_reap = 0.0
         self._reaps = 0
         self._reap_lock = threading.Lock()
@@ -147,6 +148,9 @@ class Worker:
                         self.reap(force=True)
                         self._start_reaper()
                         started = True
+                        warm_up()  # after reclaiming dead trials, before taking any
+                        if self.on_ready is not None:
+                            self.on_ready()
                     if self.max_trials is not None and self.trials_run >= self.max_trials:
                         break
                     if self.job_id is not None and self._own_job_done():
