@@ -93,7 +93,7 @@ def make_setup(quick: bool) -> Setup:
     )
 
 
-def job_spec(setup: Setup, name: str) -> dict[str, Any]:
+def job_spec(setup: Setup, name: str, precision: str = "fp32") -> dict[str, Any]:
     return {
         "name": name,
         "dataset": setup.dataset,
@@ -109,15 +109,16 @@ def job_spec(setup: Setup, name: str) -> dict[str, Any]:
             "test_split": setup.test_split,
             "early_stopping": None,
             "device": "cpu",
+            "precision": precision,
         },
         "pruner": {"type": "median", "n_startup_trials": 5, "n_warmup_steps": 2},
     }
 
 
-def measure_matmul_peak() -> float:
-    """GFLOP/s of a large fp32 matmul with all intra-op threads: the CPU's practical peak."""
+def measure_matmul_peak(dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of a large matmul with all intra-op threads: the CPU's practical peak."""
     n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     for _ in range(3):
         torch.mm(a, b)
     best = float("inf")
@@ -314,19 +315,24 @@ def run_service(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    worker = subprocess.Popen(
-        [*hpo, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    worker_log = workdir / "worker.log"
+    workdir.mkdir(parents=True, exist_ok=True)
+    with worker_log.open("w") as log:
+        worker = subprocess.Popen([*hpo, "worker"], env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=30) as c:
+            # A deployed worker is long-lived: the job starts once it is up, as in production.
             for _ in range(300):
                 try:
-                    if c.get("/readyz").status_code == 200:
-                        break
+                    ready = c.get("/readyz").status_code == 200
                 except httpx.HTTPError:
-                    pass
+                    ready = False
+                if ready and "worker ready" in worker_log.read_text():
+                    break
                 time.sleep(0.1)
+            else:
+                raise RuntimeError(f"service did not start: {worker_log.read_text()[-2000:]}")
             t0 = time.time()
             start = time.perf_counter()
             job = c.post("/jobs", json=spec).json()
@@ -369,9 +375,11 @@ def main() -> int:
 
     setup = make_setup(args.quick)
     peak = measure_matmul_peak()
+    peak_bf16 = measure_matmul_peak(torch.bfloat16)
     print(
         f"data: {setup.split_note}; {setup.n_trials} trials x {setup.epochs} epochs; "
-        f"torch threads {torch.get_num_threads()}; matmul peak {peak:.1f} GFLOP/s",
+        f"torch threads {torch.get_num_threads()}; matmul peak {peak:.1f} GFLOP/s fp32, "
+        f"{peak_bf16:.1f} GFLOP/s bf16",
         flush=True,
     )
     results: list[Result] = []
@@ -382,16 +390,22 @@ def main() -> int:
         results.append(r)
         curves[r.name] = c
         print(f"  baseline: {r.wall_s:.1f} s", flush=True)
-        for name, pop in (("engine_sequential", 1), ("engine_population", None)):
-            r, c = run_engine(setup, job_spec(setup, name), pop, work / name)
+        for name, pop, precision in (
+            ("engine_sequential", 1, "fp32"),
+            ("engine_population", None, "fp32"),
+            ("engine_population_bf16", None, "bf16"),
+        ):
+            r, c = run_engine(setup, job_spec(setup, name, precision), pop, work / name)
             r.name = name
             results.append(r)
             curves[name] = c
             print(f"  {name}: {r.wall_s:.1f} s", flush=True)
-        r, c = run_service(setup, job_spec(setup, "service"), work / "service")
-        results.append(r)
-        curves["service"] = c
-        print(f"  service: {r.wall_s:.1f} s", flush=True)
+        for name, precision in (("service", "fp32"), ("service_bf16", "bf16")):
+            r, c = run_service(setup, job_spec(setup, name, precision), work / name)
+            r.name = name
+            results.append(r)
+            curves[name] = c
+            print(f"  {name}: {r.wall_s:.1f} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -408,11 +422,12 @@ def main() -> int:
     base = results[0]
     for r in results:
         r.gflops = r.model_epochs * fpe / r.wall_s / 1e9
-        r.peak_share = r.gflops / peak
+        # Against the peak of the precision the contender's matmuls run in.
+        r.peak_share = r.gflops / (peak_bf16 if r.name.endswith("_bf16") else peak)
         r.time_to_baseline_best_s = time_to(curves[r.name], base.best_val_accuracy)
 
     print(
-        f"\n{'contender':20} {'wall s':>8} {'trials/min':>11} {'epochs/s':>9} {'best val':>9} "
+        f"\n{'contender':23} {'wall s':>8} {'trials/min':>11} {'epochs/s':>9} {'best val':>9} "
         f"{'t->base best':>12} {'overhead':>9} {'GFLOP/s':>8} {'of peak':>8}"
     )
     for r in results:
@@ -421,16 +436,11 @@ def main() -> int:
         )
         ov = f"{r.overhead_share:.1%}" if r.overhead_share is not None else "-"
         print(
-            f"{r.name:20} {r.wall_s:8.1f} {r.trials_per_min:11.1f} {r.model_epochs_per_s:9.1f} "
+            f"{r.name:23} {r.wall_s:8.1f} {r.trials_per_min:11.1f} {r.model_epochs_per_s:9.1f} "
             f"{r.best_val_accuracy:9.4f} {ttb:>12} {ov:>9} {r.gflops:8.2f} {r.peak_share:8.1%}"
         )
-    pop_r = next(r for r in results if r.name == "engine_population")
-    svc = next(r for r in results if r.name == "service")
-    summary = {
-        "population_vs_baseline": pop_r.trials_per_min / base.trials_per_min,
-        "service_vs_baseline": svc.trials_per_min / base.trials_per_min,
-        "quality_delta_pp": (pop_r.best_val_accuracy - base.best_val_accuracy) * 100,
-    }
+    summary = _summary(results, "")
+    summary_bf16 = _summary(results, "_bf16")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json"
     out.write_text(
@@ -438,21 +448,40 @@ def main() -> int:
             {
                 "setup": asdict(setup),
                 "matmul_peak_gflops": peak,
+                "matmul_peak_gflops_bf16": peak_bf16,
                 "torch_threads": torch.get_num_threads(),
                 "device": "cpu",
                 "results": [asdict(r) for r in results],
                 "summary": summary,
+                "summary_bf16": summary_bf16,
             },
             indent=2,
         )
     )
     print(f"\nwrote {out}")
-    print(
+    print(f"with training.precision bf16: {_summary_line(summary_bf16)}")
+    print(_summary_line(summary))  # the default precision (fp32) is the headline
+    return 0
+
+
+def _summary(results: list[Result], suffix: str) -> dict[str, float]:
+    """Population and service against the baseline, for the contenders named with ``suffix``."""
+    base = results[0]
+    pop_r = next(r for r in results if r.name == "engine_population" + suffix)
+    svc = next(r for r in results if r.name == "service" + suffix)
+    return {
+        "population_vs_baseline": pop_r.trials_per_min / base.trials_per_min,
+        "service_vs_baseline": svc.trials_per_min / base.trials_per_min,
+        "quality_delta_pp": (pop_r.best_val_accuracy - base.best_val_accuracy) * 100,
+    }
+
+
+def _summary_line(summary: dict[str, float]) -> str:
+    return (
         f"population_vs_baseline={summary['population_vs_baseline']:.2f}x "
         f"service_vs_baseline={summary['service_vs_baseline']:.2f}x "
         f"quality_delta={summary['quality_delta_pp']:+.2f}pp"
     )
-    return 0
 
 
 if __name__ == "__main__":
