@@ -51,6 +51,7 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
             except Exception as e:
                 outcomes[t.number] = finish_interrupted(ctx, t, e)
         for group in group_configs([c for _, c in prepared]):
+            ctx.pruning.reset()  # the previous stack's trials are finished: epoch 1 again
             members = [prepared[i] for i in group]
             hooks = [epoch_hook(ctx, t) for t, _ in members]
 

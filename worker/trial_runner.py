@@ -200,6 +200,11 @@ class PruningSnapshot:
         self._epoch: int | None = None
         self._completed: list[optuna.trial.FrozenTrial] | None = None
 
+    def reset(self) -> None:
+        """Forget the snapshot: trials finished since (a previous stack's) count from now on."""
+        self._epoch = None
+        self._completed = None
+
     def should_prune(self, trial: optuna.Trial, epoch: int) -> bool:
         study = trial.study
         if not isinstance(study.pruner, optuna.pruners.PercentilePruner):  # MedianPruner too

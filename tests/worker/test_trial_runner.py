@@ -69,3 +69,24 @@ def test_one_read_of_the_finished_trials_per_epoch(
             t.report(0.6, step)
             snapshot.should_prune(t, step)
     assert len(reads) == 3  # 3 epochs x 8 members: one read per epoch
+
+
+def test_reset_makes_newly_finished_trials_count(tmp_path: Path) -> None:
+    """A second stack starts at epoch 1 again after the first stack's trials finished: without
+    a reset it would prune against the first stack's stale snapshot."""
+    study = _study(tmp_path, optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
+    snapshot = PruningSnapshot()
+    low = study.ask()
+    low.report(0.2, 1)
+    first = snapshot.should_prune(low, 1)
+    for _ in range(6):  # other trials finish with much higher curves meanwhile
+        t = study.ask()
+        t.report(0.99, 1)
+        study.tell(t, 0.99)
+    mid = study.ask()
+    mid.report(0.85, 1)  # above the first six trials' median (0.635), below the new (0.875)
+    assert not snapshot.should_prune(mid, 1)  # the stale snapshot
+    snapshot.reset()
+    assert snapshot.should_prune(mid, 1)
+    assert mid.should_prune()  # as Optuna decides with the fresh trials
+    assert first
