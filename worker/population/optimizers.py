@@ -18,6 +18,14 @@ All members of one batched optimizer use the same optimizer name; ``MixedBatched
 trains several in one stack, one batched optimizer per contiguous run of members. Buffers (state, scratch) are allocated once and reused every step:
 on CPU a fresh multi-megabyte temporary per op costs page faults that are comparable to
 the update itself.
+
+On CPU, sgd / momentum / nesterov / adagrad / adam / adamw instead call torch's fused CPU
+kernel (``torch._fused_adam_`` & co., what ``torch.optim`` runs with ``fused=True``) once per
+member on views into the stacks: one vectorised pass over each tensor instead of 5-8
+memory-bound elementwise passes, measured 3x faster per step for P=8 on the 784-128-10 MLP
+(0.18 vs 0.56 ms for adam). A per-member call is cheap on CPU; on CUDA each would be a kernel
+launch, so there the batched ops (a few launches whatever P is) stay. RMSprop has no fused
+kernel and always takes the batched ops.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from worker.training import TrialConfig, build_optimizer
+from worker.population.grouping import grouped_indices
+from worker.training import FUSED_ON_CPU, TrialConfig, build_optimizer
 
 # Group keys read from each member's torch optimizer (see _hyperparameters).
 _KEYS: dict[str, tuple[str, ...]] = {
@@ -51,7 +60,9 @@ class BatchedOptimizer:
     family: ClassVar[str]
     names: ClassVar[tuple[str, ...]]
 
-    def __init__(self, configs: Sequence[TrialConfig], params: Sequence[Tensor]) -> None:
+    def __init__(
+        self, configs: Sequence[TrialConfig], params: Sequence[Tensor], *, fused: bool | None = None
+    ) -> None:
         if not configs:
             raise ValueError("batched optimizer: no members")
         names = sorted({c.optimizer for c in configs})
@@ -66,9 +77,18 @@ class BatchedOptimizer:
             key: torch.tensor(values, dtype=torch.float64, device=self.device)
             for key, values in _hyperparameters(configs, _KEYS[self.family]).items()
         }
+        # fused=None: the fused per-member kernels on CPU, the batched ops elsewhere; True: the
+        # fused kernels on any device; False: the batched ops. Without a kernel: batched ops.
+        self.fused = self.name in FUSED_ON_CPU and (
+            self.device.type == "cpu" if fused is None else fused
+        )
         self.steps = 0
+        # The fused kernels read the step count (bias corrections, adagrad's decay) from a tensor.
+        self.step_tensor = torch.zeros((), dtype=torch.float32, device=self.device)
         self.state: dict[str, list[Tensor]] = {}
         self.scratch = [torch.empty_like(p) for p in params]
+        self._views_key: tuple[tuple[int, int], ...] | None = None
+        self._views: list[list[list[Tensor]]] = []
         self._init_state(params)
         self._refresh()
 
@@ -86,11 +106,16 @@ class BatchedOptimizer:
         self.state = {k: [t.index_select(0, index) for t in ts] for k, ts in self.state.items()}
         self.scratch = [t.index_select(0, index) for t in self.scratch]
         self.n_members = int(index.numel())
+        self._views_key = None
         self._refresh()
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         self.steps += 1
-        self._update(params, grads)
+        if self.fused:
+            self.step_tensor.fill_(self.steps)
+            self._fused_update(params, grads)
+        else:
+            self._update(params, grads)
 
     # -- for subclasses ------------------------------------------------------------------
 
@@ -102,9 +127,34 @@ class BatchedOptimizer:
         self.neg_lr = self._coef(-self.hp["lr"])
         self.wd = self._coef(self.hp["weight_decay"])
         self.any_wd = bool((self.hp["weight_decay"] != 0).any())
+        # The fused kernels take each member's numbers as Python floats (doubles, as torch.optim).
+        self.member_hp: list[dict[str, float]] = [
+            {key: float(v[i]) for key, v in self.hp.items()} for i in range(self.n_members)
+        ]
 
     def _update(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         raise NotImplementedError
+
+    def _fused_update(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        raise NotImplementedError
+
+    def _member_views(self, *groups: Sequence[Tensor]) -> list[list[list[Tensor]]]:
+        """Per group, per member: that member's tensors, as views into the stacked tensors.
+
+        Cached while the stacked tensors stay the same (they change only when members leave):
+        unbinding every tensor each step would cost about as much as a fused member update.
+        """
+        key = tuple((t.data_ptr(), t.shape[0]) for group in groups for t in group)
+        if key != self._views_key:
+            self._views = [
+                [list(member) for member in zip(*(t.unbind(0) for t in group), strict=True)]
+                for group in groups
+            ]
+            self._views_key = key
+        return self._views
+
+    def _steps_for(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        return [self.step_tensor] * len(tensors)
 
     def _coef(self, values: Tensor) -> Tensor:
         return _as_coef(values)
@@ -164,6 +214,26 @@ class BatchedSGD(BatchedOptimizer):
             else:
                 p.addcmul_(buf, self.neg_lr)
 
+    def _fused_update(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        if "momentum_buffer" in self.state:
+            ps, gs, bufs = self._member_views(params, grads, self.state["momentum_buffer"])
+        else:
+            ps, gs = self._member_views(params, grads)
+            bufs = [[] for _ in ps]  # plain sgd: momentum 0, no buffer (as torch.optim)
+        for p, g, buf, hp in zip(ps, gs, bufs, self.member_hp, strict=True):
+            torch._fused_sgd_(
+                p,
+                g,
+                buf,
+                weight_decay=hp["weight_decay"],
+                momentum=hp["momentum"],
+                lr=hp["lr"],
+                dampening=hp["dampening"],
+                nesterov=self.nesterov,
+                maximize=False,
+                is_first_step=self.steps == 1,
+            )
+
 
 class BatchedAdagrad(BatchedOptimizer):
     """adagrad: ``torch.optim.Adagrad``."""
@@ -186,6 +256,22 @@ class BatchedAdagrad(BatchedOptimizer):
             total.addcmul_(g, g, value=1)
             torch.sqrt(total, out=s).mul_(scale).add_(shift)
             p.addcdiv_(g, s)
+
+    def _fused_update(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        ps, gs, sums = self._member_views(params, grads, self.state["sum"])
+        steps = self._steps_for(params)
+        for p, g, total, hp in zip(ps, gs, sums, self.member_hp, strict=True):
+            torch._fused_adagrad_(
+                p,
+                g,
+                total,
+                steps,
+                lr=hp["lr"],
+                lr_decay=hp["lr_decay"],
+                weight_decay=hp["weight_decay"],
+                eps=hp["eps"],
+                maximize=False,
+            )
 
 
 class BatchedRMSprop(BatchedOptimizer):
@@ -265,6 +351,29 @@ class BatchedAdam(BatchedOptimizer):
             torch.sqrt(v, out=s).mul_(scale).add_(shift)
             p.addcdiv_(m, s)
 
+    def _fused_update(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        ps, gs, ms, vs = self._member_views(
+            params, grads, self.state["exp_avg"], self.state["exp_avg_sq"]
+        )
+        kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
+        steps = self._steps_for(params)
+        for p, g, m, v, hp in zip(ps, gs, ms, vs, self.member_hp, strict=True):
+            kernel(
+                p,
+                g,
+                m,
+                v,
+                [],  # no amsgrad
+                steps,
+                amsgrad=False,
+                lr=hp["lr"],
+                beta1=hp["beta1"],
+                beta2=hp["beta2"],
+                weight_decay=hp["weight_decay"],
+                eps=hp["eps"],
+                maximize=False,
+            )
+
 
 _CLASSES: tuple[type[BatchedOptimizer], ...] = (
     BatchedSGD,
@@ -275,14 +384,18 @@ _CLASSES: tuple[type[BatchedOptimizer], ...] = (
 
 
 def build_batched_optimizer(
-    configs: Sequence[TrialConfig], params: Sequence[Tensor]
+    configs: Sequence[TrialConfig], params: Sequence[Tensor], *, fused: bool | None = None
 ) -> BatchedOptimizer:
-    """The batched optimizer for members that all use the same ``config.optimizer``."""
+    """The batched optimizer for members that all use the same ``config.optimizer``.
+
+    ``fused``: None picks by device (torch's fused kernels on CPU, batched ops elsewhere);
+    True / False force one path where torch has a fused kernel for the optimizer.
+    """
     names = {c.optimizer for c in configs}
     if len(names) == 1:
         for cls in _CLASSES:
             if names <= set(cls.names):
-                return cls(configs, params)
+                return cls(configs, params, fused=fused)
     raise ValueError(f"batched optimizer: members must share one optimizer, got {sorted(names)}")
 
 
@@ -296,7 +409,9 @@ class MixedBatchedOptimizer:
     set per run) instead of training each optimizer's members as a separate, narrower stack.
     """
 
-    def __init__(self, configs: Sequence[TrialConfig], params: Sequence[Tensor]) -> None:
+    def __init__(
+        self, configs: Sequence[TrialConfig], params: Sequence[Tensor], *, fused: bool | None = None
+    ) -> None:
         if not configs:
             raise ValueError("batched optimizer: no members")
         self.runs: list[tuple[int, int, BatchedOptimizer]] = []
@@ -304,7 +419,8 @@ class MixedBatchedOptimizer:
         for _name, group in itertools.groupby(configs, key=lambda c: c.optimizer):
             end = start + len(list(group))
             sliced = [p[start:end] for p in params]
-            self.runs.append((start, end, build_batched_optimizer(configs[start:end], sliced)))
+            run = build_batched_optimizer(configs[start:end], sliced, fused=fused)
+            self.runs.append((start, end, run))
             start = end
         names = [run.name for _, _, run in self.runs]
         if len(set(names)) != len(names):
@@ -341,10 +457,7 @@ class MixedBatchedOptimizer:
 
 def optimizer_order(configs: Sequence[TrialConfig]) -> list[int]:
     """Indices of ``configs`` with each optimizer's members adjacent, in order of appearance."""
-    groups: dict[str, list[int]] = {}
-    for i, config in enumerate(configs):
-        groups.setdefault(config.optimizer, []).append(i)
-    return [i for group in groups.values() for i in group]
+    return [i for group in grouped_indices(configs, lambda c: c.optimizer) for i in group]
 
 
 def _folded_denominator(

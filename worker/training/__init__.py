@@ -33,6 +33,7 @@ from worker.training.model import (
 from worker.training.optimizers import (
     DEFAULT_MOMENTUM,
     DEFAULT_RMSPROP_MOMENTUM,
+    FUSED_ON_CPU,
     build_optimizer,
     build_scheduler,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULT_MOMENTUM",
     "DEFAULT_RMSPROP_MOMENTUM",
     "EVAL_BATCH_SIZE",
+    "FUSED_ON_CPU",
     "INITS",
     "LEAKY_RELU_SLOPE",
     "LR_SCHEDULES",

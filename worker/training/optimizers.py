@@ -30,7 +30,7 @@ trains with ``lr * gamma**(e-1)`` (exponential) or
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, LRScheduler
@@ -43,27 +43,65 @@ DEFAULT_RMSPROP_MOMENTUM = 0.0  # plain RMSprop, as torch and the lectures defin
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
-def build_optimizer(params: ParamsT, config: TrialConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``config.optimizer`` over ``params`` (see the module docstring)."""
+# Optimizers with a fused CPU kernel in torch (one vectorised pass per tensor and step); the
+# population's batched optimizers use the same kernels for the same names.
+FUSED_ON_CPU = frozenset({"sgd", "momentum", "nesterov", "adagrad", "adam", "adamw"})
+
+
+def build_optimizer(
+    params: ParamsT, config: TrialConfig, *, fused: bool | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer named by ``config.optimizer`` over ``params`` (see the module docstring).
+
+    ``fused``: None (default) uses torch's fused kernel when every parameter is on the CPU and
+    torch has one for the optimizer (sgd/momentum/nesterov/adagrad/adam/adamw): the same
+    update in one pass per tensor instead of a handful of elementwise ops (about 3x less
+    optimizer time on the small MLPs trained here), and the kernel the population trainer
+    uses per member, so a trial trains the same way alone and in a population. False gives
+    torch's own default (what ``torch.optim.Adam(params, lr=...)`` would pick); True insists
+    on the fused kernel.
+    """
+    params = cast(ParamsT, list(params))  # may be a generator: read twice below
+    if fused is None:
+        fused = config.optimizer in FUSED_ON_CPU and _all_on_cpu(params)
+    elif fused and config.optimizer not in FUSED_ON_CPU:
+        raise ValueError(f"optimizer: torch has no fused {config.optimizer}")
+    extra: dict[str, Any] = {"fused": True} if fused else {}
     lr, wd = config.learning_rate, config.weight_decay
     name = config.optimizer
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=wd, **extra)
     if name in ("momentum", "nesterov"):
         momentum = DEFAULT_MOMENTUM if config.momentum is None else config.momentum
         return torch.optim.SGD(
-            params, lr=lr, momentum=momentum, nesterov=name == "nesterov", weight_decay=wd
+            params,
+            lr=lr,
+            momentum=momentum,
+            nesterov=name == "nesterov",
+            weight_decay=wd,
+            **extra,
         )
     if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd, **extra)
     if name == "rmsprop":
         momentum = DEFAULT_RMSPROP_MOMENTUM if config.momentum is None else config.momentum
         return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=wd)
     if name in ("adam", "adamw"):
         betas = _betas(config)
         cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return cls(params, lr=lr, betas=betas, weight_decay=wd)
+        return cls(params, lr=lr, betas=betas, weight_decay=wd, **extra)
     raise ValueError(f"optimizer: unknown {name!r}")
+
+
+def _all_on_cpu(params: ParamsT) -> bool:
+    tensors: list[torch.Tensor] = []
+    for p in params:
+        if isinstance(p, dict):  # a parameter group: a tensor or an iterable of them
+            group = p["params"]
+            tensors.extend([group] if isinstance(group, torch.Tensor) else group)
+        else:
+            tensors.append(p)
+    return bool(tensors) and all(t.device.type == "cpu" for t in tensors)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrialConfig) -> LRScheduler | None:
@@ -84,4 +122,10 @@ def _betas(config: TrialConfig) -> tuple[float, float]:
     return (beta1, beta2)
 
 
-__all__ = ["DEFAULT_MOMENTUM", "DEFAULT_RMSPROP_MOMENTUM", "build_optimizer", "build_scheduler"]
+__all__ = [
+    "DEFAULT_MOMENTUM",
+    "DEFAULT_RMSPROP_MOMENTUM",
+    "FUSED_ON_CPU",
+    "build_optimizer",
+    "build_scheduler",
+]

@@ -64,10 +64,11 @@ def _grad(p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return torch.sin(3 * p) + noise
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["batched-ops", "fused-kernels"])
 @pytest.mark.parametrize(
     ("name", "knobs"), VARIANTS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(VARIANTS)]
 )
-def test_matches_torch_optim(name: str, knobs: list[dict[str, Any]]) -> None:
+def test_matches_torch_optim(name: str, knobs: list[dict[str, Any]], fused: bool) -> None:
     configs = _configs(name, knobs)
     P = len(configs)
     gen = torch.Generator().manual_seed(0)
@@ -76,8 +77,9 @@ def test_matches_torch_optim(name: str, knobs: list[dict[str, Any]]) -> None:
         [torch.nn.Parameter(t[j].clone()) for t in stacked] for j in range(P)
     ]  # member j's own parameters
     references = [build_optimizer(params, c) for params, c in zip(singles, configs, strict=True)]
-    batched = build_batched_optimizer(configs, stacked)
+    batched = build_batched_optimizer(configs, stacked, fused=fused)
     assert isinstance(batched, BatchedOptimizer)
+    assert batched.fused == (fused and name != "rmsprop")  # torch has no fused rmsprop
 
     for step in range(1, STEPS + 1):
         if step == STEPS // 2:  # a schedule changing each member's lr between epochs
@@ -100,13 +102,15 @@ def test_matches_torch_optim(name: str, knobs: list[dict[str, Any]]) -> None:
     assert not torch.allclose(stacked[0][0], stacked[0][1])
 
 
-@pytest.mark.parametrize("name", ["momentum", "rmsprop", "adam"])
-def test_select_keeps_the_state_of_the_remaining_members(name: str) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["batched-ops", "fused-kernels"])
+@pytest.mark.parametrize("name", ["momentum", "rmsprop", "adam", "adagrad"])
+def test_select_keeps_the_state_of_the_remaining_members(name: str, fused: bool) -> None:
     configs = _configs(name, [{}, {}, {}])
     gen = torch.Generator().manual_seed(1)
     params = [torch.randn(3, 6, generator=gen)]
     full = [params[0].clone()]
-    a, b = build_batched_optimizer(configs, params), build_batched_optimizer(configs, full)
+    a = build_batched_optimizer(configs, params, fused=fused)
+    b = build_batched_optimizer(configs, full, fused=fused)
     for step in range(20):
         noise = torch.randn(3, 6, generator=gen)
         if step == 10:  # member 1 leaves the first stack
@@ -140,7 +144,10 @@ def _mixed_configs() -> list[TrialConfig]:
     ]
 
 
-def test_one_stack_of_every_optimizer_matches_torch_optim_and_survives_select() -> None:
+@pytest.mark.parametrize("fused", [False, True, None], ids=["batched-ops", "fused-kernels", "auto"])
+def test_one_stack_of_every_optimizer_matches_torch_optim_and_survives_select(
+    fused: bool | None,
+) -> None:
     configs = _mixed_configs()
     order = optimizer_order(configs)
     assert [configs[i].optimizer for i in order] == [n for n in LRS for _ in range(2)]

@@ -101,3 +101,36 @@ def test_schedulers() -> None:
     config = _config("sgd", lr_schedule="cosine", max_epochs=7)
     scheduler = build_scheduler(build_optimizer(model.parameters(), config), config)
     assert isinstance(scheduler, CosineAnnealingLR) and scheduler.T_max == 7
+
+
+FUSED_NAMES = ["sgd", "momentum", "nesterov", "adagrad", "adam", "adamw"]
+
+
+@pytest.mark.parametrize("name", [*FUSED_NAMES, "rmsprop"])
+def test_fused_kernel_on_cpu_by_default_and_the_same_updates_as_torchs_default(name: str) -> None:
+    config = TrialConfig(hidden_layers=(8,), optimizer=name, learning_rate=0.01, weight_decay=1e-3)
+    torch.manual_seed(0)
+    a = build_mlp(6, 3, config)
+    b = build_mlp(6, 3, config)
+    b.load_state_dict(a.state_dict())
+    fast = build_optimizer(a.parameters(), config)
+    default = build_optimizer(b.parameters(), config, fused=False)
+    assert bool(fast.param_groups[0].get("fused")) == (name in FUSED_NAMES)
+    assert not default.param_groups[0].get("fused")  # what torch.optim.X(params, lr) picks
+    initial = a[0].weight.detach().clone()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        X, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        for model, opt in ((a, fast), (b, default)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X), y).backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert (p - q).abs().max().item() <= 1e-5, name
+    assert (a[0].weight - initial).abs().max().item() > 1e-3  # it did train
+
+
+def test_fused_is_refused_where_torch_has_no_kernel() -> None:
+    config = TrialConfig(hidden_layers=(8,), optimizer="rmsprop")
+    with pytest.raises(ValueError, match="no fused rmsprop"):
+        build_optimizer(build_mlp(4, 2, config).parameters(), config, fused=True)
