@@ -117,3 +117,45 @@ def test_dropout_masks_are_per_member_and_inverted() -> None:
         kept = mask[j] != 0
         assert torch.allclose(mask[j][kept], torch.tensor(1 / (1 - p)))  # inverted scaling
         assert abs(kept.float().mean().item() - (1 - p)) < 0.05
+
+
+def test_bf16_inputs_converted_once_train_exactly_like_per_step_conversion() -> None:
+    def stack() -> StackedMLP:
+        return StackedMLP(
+            _members(3, False, "relu"),
+            activation="relu",
+            dropouts=[0.0] * 3,
+            device=torch.device("cpu"),
+            matmul_dtype=torch.bfloat16,
+        )
+
+    a, b = stack(), stack()
+    gen = torch.Generator().manual_seed(3)
+    X, y = torch.rand(40, 6, generator=gen), torch.randint(0, 4, (40,), generator=gen)
+    rows = torch.stack([torch.randperm(40, generator=gen)[:10] for _ in range(3)]).reshape(-1)
+    converted = b.inputs_for(X)
+    assert converted.dtype == torch.bfloat16 and a.inputs_for(X).dtype == torch.bfloat16
+    loss_a, loss_b = torch.empty(3), torch.empty(3)
+    a.train_step(X, y, rows, loss_a)  # fp32 X: each minibatch is converted as it is gathered
+    b.train_step(converted, y, rows, loss_b)
+    assert torch.equal(loss_a, loss_b)
+    for ga, gb in zip(a.grads, b.grads, strict=True):
+        assert torch.equal(ga, gb)
+    # and an fp32 stack gathers fp32 inputs untouched
+    fp32 = StackedMLP(
+        _members(1, False, "relu"), activation="relu", dropouts=[0.0], device=torch.device("cpu")
+    )
+    assert fp32.inputs_for(X) is X
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-6, 0.1, 0.25, 0.5, 0.9, 0.999])
+def test_dropout_thresholds_keep_exactly_the_rounded_probability(p: float) -> None:
+    from worker.population.stacked import _keep_thresholds
+
+    threshold = int(_keep_thresholds([p], torch.device("cpu")).item())
+    every_r = torch.arange(-32768, 32768, dtype=torch.int32)  # each 16-bit number once
+    kept = int((every_r <= threshold).sum())
+    assert kept == max(1, round((1 - p) * 65536))
+    assert abs(kept / 65536 - (1 - p)) <= 0.5 / 65536 + 1e-12
+    if p == 0.0:
+        assert kept == 65536  # nothing is ever dropped
