@@ -84,6 +84,36 @@ def count_finished_trials(storage: optuna.storages.BaseStorage, study_id: int) -
     return len(done)
 
 
+def completed_learning_curves(
+    storage: optuna.storages.BaseStorage, study_id: int
+) -> list[dict[int, float]] | None:
+    """Each COMPLETE trial's intermediate values (step -> value), from one query.
+
+    What the median and percentile pruners read of the finished trials, without loading every
+    trial with its parameters and attributes (and, through Optuna's cache, re-reading every
+    running one). None for a storage that is not an RDB storage.
+    """
+    from optuna.storages._rdb import models
+
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, RDBStorage):
+        return None
+    t, v = models.TrialModel, models.TrialIntermediateValueModel
+    query = (
+        select(t.trial_id, v.step, v.intermediate_value, v.intermediate_value_type)
+        .outerjoin(v, v.trial_id == t.trial_id)
+        .where(t.study_id == study_id, t.state == TrialState.COMPLETE)
+        .order_by(t.trial_id, v.step)
+    )
+    curves: dict[int, dict[int, float]] = {}
+    with backend.engine.connect() as conn:
+        for trial_id, step, stored, kind in conn.execute(query):
+            curve = curves.setdefault(trial_id, {})
+            if step is not None:  # a COMPLETE trial that reported nothing still counts
+                curve[step] = v.stored_repr_to_intermediate_value(stored, kind)
+    return list(curves.values())
+
+
 def stale_study_names(storage: optuna.storages.BaseStorage, grace_s: float) -> set[str]:
     """Names of studies with a RUNNING trial whose last heartbeat is older than ``grace_s``.
 

@@ -1,5 +1,5 @@
-"""Trial writes that must be one transaction: several user attributes at once, and a failure
-together with its reason.
+"""Trial writes that must be one transaction: several user attributes at once, a failure
+together with its reason, and one epoch's intermediate values of a whole population.
 
 Optuna's public API commits each ``set_user_attr`` separately; a finished trial records about a
 dozen attributes, so on SQLite that is a dozen fsync-bound commits per trial. This uses the RDB
@@ -9,6 +9,9 @@ to the public API for any other storage.
 
 from __future__ import annotations
 
+import json
+import sqlite3
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +21,8 @@ from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 FAIL_REASON_ATTR = "fail_reason"
 
@@ -31,10 +36,107 @@ def set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, An
             trial.set_user_attr(key, value)
         return
     with _create_scoped_session(backend.scoped_session, True) as session:
-        for key, value in attrs.items():
-            backend._set_trial_attr_without_commit(
-                session, models.TrialUserAttributeModel, trial._trial_id, key, value
+        _lock_running(session, [trial._trial_id])
+        insert = _UPSERTS.get(backend.engine.name)
+        if insert is None or not attrs:  # e.g. MySQL: Optuna's per-attribute upsert
+            for key, value in attrs.items():
+                backend._set_trial_attr_without_commit(
+                    session, models.TrialUserAttributeModel, trial._trial_id, key, value
+                )
+            return
+        # One multi-row upsert instead of a lookup and an upsert per attribute (a finished
+        # trial records about a dozen); an upsert, so a retried call overwrites, as Optuna's.
+        model = models.TrialUserAttributeModel
+        stmt = insert(model).values(
+            [
+                {"trial_id": trial._trial_id, "key": key, "value_json": json.dumps(value)}
+                for key, value in attrs.items()
+            ]
+        )
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[model.trial_id, model.key],
+                set_={"value_json": stmt.excluded.value_json},
             )
+        )
+
+
+# Dialects with INSERT ... ON CONFLICT DO UPDATE (SQLite >= 3.24, PostgreSQL).
+_UPSERTS: dict[str, Any] = (
+    {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
+    if sqlite3.sqlite_version_info >= (3, 24, 0)
+    else {"postgresql": postgresql_insert}
+)
+
+
+def _lock_running(session: Any, trial_ids: Sequence[int]) -> None:
+    """Raise UpdateFinishedTrialError unless every trial is still running (rows locked).
+
+    Checked before any write: Optuna's own check, on a finished trial, reads it through the
+    same thread-local session and so commits whatever was written before it.
+    """
+    model = models.TrialModel
+    query = session.query(model).filter(model.trial_id.in_(list(trial_ids))).with_for_update()
+    rows = {row.trial_id: row for row in query}
+    for trial_id in trial_ids:
+        row = rows.get(trial_id)
+        if row is None:
+            raise KeyError(f"no trial with id {trial_id}")  # as Optuna's find_or_raise_by_id
+        if row.state.is_finished():
+            raise UpdateFinishedTrialError(
+                f"trial {row.number} is already finished ({row.state.name}); nothing written"
+            )
+
+
+def set_intermediate_values(
+    study: optuna.Study, values: Sequence[tuple[optuna.Trial, int, float]]
+) -> None:
+    """Report ``(trial, step, value)`` for several running trials in one transaction.
+
+    What ``Trial.report`` writes, one commit for all instead of one per trial (a population
+    reports all its members after each epoch). All or nothing: if any trial is finished
+    already (UpdateFinishedTrialError) nothing is written. Each trial's own cached copy is
+    updated as ``Trial.report`` does, so its pruning checks see the values.
+    """
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, RDBStorage):
+        for trial, step, value in values:
+            trial.report(value, step)
+        return
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        _lock_running(session, [trial._trial_id for trial, _, _ in values])
+        insert = _UPSERTS.get(backend.engine.name)
+        if insert is None:
+            for trial, step, value in values:
+                backend._set_trial_intermediate_value_without_commit(
+                    session, trial._trial_id, step, value
+                )
+        else:  # one multi-row upsert on the (trial_id, step) key, as Optuna's write per value
+            model = models.TrialIntermediateValueModel
+            rows = []
+            for trial, step, value in values:
+                stored, kind = model.intermediate_value_to_stored_repr(value)
+                rows.append(
+                    {
+                        "trial_id": trial._trial_id,
+                        "step": step,
+                        "intermediate_value": stored,
+                        "intermediate_value_type": kind,
+                    }
+                )
+            stmt = insert(model).values(rows)
+            session.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[model.trial_id, model.step],
+                    set_={
+                        "intermediate_value": stmt.excluded.intermediate_value,
+                        "intermediate_value_type": stmt.excluded.intermediate_value_type,
+                    },
+                )
+            )
+    for trial, step, value in values:
+        trial._cached_frozen_trial.intermediate_values[step] = value
 
 
 class _AlreadyFinished(Exception):

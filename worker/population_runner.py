@@ -24,6 +24,7 @@ from worker.trial_runner import (
     interruptible,
     prepare,
     release_unasked,
+    report_epochs,
 )
 
 
@@ -58,6 +59,12 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
             def on_epoch(i: int, m: EpochMetrics, hooks: list = hooks) -> None:  # type: ignore[type-arg]
                 hooks[i](m)
 
+            def on_epochs(
+                batch: list[tuple[int, EpochMetrics]],
+                members: list[tuple[optuna.Trial, TrialConfig]] = members,
+            ) -> None:
+                report_epochs(ctx, [(members[i][0], m) for i, m in batch])
+
             try:
                 with interruptible():
                     results = train_population(
@@ -66,6 +73,7 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
                         device=rt.device,
                         on_epoch=on_epoch,
                         autocast=None if precision == "fp32" else precision,
+                        on_epochs=on_epochs,
                     )
             except Exception as e:  # the whole group ended (stop grace over, out of memory, ...)
                 for t, _ in members:
@@ -73,7 +81,7 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
                 continue
             for (t, _), r in zip(members, results, strict=True):
                 outcomes[t.number] = (
-                    finish_interrupted(ctx, t, r.interrupted)
+                    finish_interrupted(ctx, t, r.interrupted, r)
                     if r.interrupted
                     else finish(ctx, t, r)
                 )

@@ -33,8 +33,8 @@ from service.db import Job, JobStore
 from service.db.retry import call_with_retry, describe, is_transient
 from service.results import MODEL_ARTIFACT_ATTR
 from service.states import JobState
-from service.studies import count_finished_trials
-from service.trial_attrs import fail_trial, set_user_attrs
+from service.studies import completed_learning_curves, count_finished_trials
+from service.trial_attrs import fail_trial, set_intermediate_values, set_user_attrs
 from worker.runtime import JobRuntime
 from worker.training import (
     EpochMetrics,
@@ -192,8 +192,10 @@ class PruningSnapshot:
     epoch, so the first check of an epoch reads and the others reuse it (measured before this:
     7 ms per read on SQLite with 48 trials, one read per member per epoch). A trial that another
     worker completes between two members' checks counts from the next epoch on: the snapshot
-    any concurrent reader sees. Other pruners (successive halving and hyperband record rung
-    promotions as they go) check the study itself, as ``Trial.should_prune`` does.
+    any concurrent reader sees. The read is one query for the COMPLETE trials' learning curves
+    (``completed_learning_curves``): all these pruners look at. Other pruners (successive
+    halving and hyperband record rung promotions as they go) check the study itself, as
+    ``Trial.should_prune`` does.
     """
 
     def __init__(self) -> None:
@@ -210,12 +212,25 @@ class PruningSnapshot:
         if not isinstance(study.pruner, optuna.pruners.PercentilePruner):  # MedianPruner too
             return trial.should_prune()
         if epoch != self._epoch or self._completed is None:
-            self._completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            curves = completed_learning_curves(study._storage, study._study_id)
+            self._completed = (
+                study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if curves is None
+                else [cast(optuna.trial.FrozenTrial, _Curve(c)) for c in curves]  # duck-typed
+            )
             self._epoch = epoch
         # What Trial.should_prune passes: the trial's locally kept state, no storage read.
         latest = trial._get_latest_trial()
         snapshot = cast(optuna.Study, _CompletedSnapshot(study, self._completed))  # duck-typed
         return study.pruner.prune(snapshot, latest)
+
+
+@dataclass
+class _Curve:
+    """A COMPLETE trial as the percentile pruner reads it: its intermediate values only."""
+
+    intermediate_values: dict[int, float]
+    state: TrialState = TrialState.COMPLETE
 
 
 class _CompletedSnapshot:
@@ -298,8 +313,10 @@ def epoch_hook(ctx: TrialContext, trial: optuna.Trial) -> Callable[[EpochMetrics
 
     def hook(m: EpochMetrics) -> None:
         with uninterruptible():
-            value = m.val_accuracy if objective == "val_accuracy" else m.val_loss
-            if math.isfinite(value):
+            value = _objective_value(m, objective)
+            # Already written when report_epochs wrote the whole population's epoch at once.
+            reported = m.epoch in trial._cached_frozen_trial.intermediate_values
+            if math.isfinite(value) and not reported:
                 ctx.retry(lambda: trial.report(value, m.epoch), f"reporting trial {n}")
             if ctx.on_epoch is not None:
                 ctx.on_epoch(trial.number, m)
@@ -315,6 +332,35 @@ def epoch_hook(ctx: TrialContext, trial: optuna.Trial) -> Callable[[EpochMetrics
     return hook
 
 
+def report_epochs(ctx: TrialContext, epochs: list[tuple[optuna.Trial, EpochMetrics]]) -> None:
+    """Write one epoch's intermediate values of several trials (a population) in one commit.
+
+    Best effort: on any error (a member finished elsewhere, the database away) nothing is
+    written and each member's ``epoch_hook`` reports on its own, with its own retries and
+    error handling, as a lone trial does.
+    """
+    objective = ctx.rt.spec.objective
+    values = [
+        (trial, m.epoch, value)
+        for trial, m in epochs
+        if math.isfinite(value := _objective_value(m, objective))
+        and m.epoch not in trial._cached_frozen_trial.intermediate_values
+    ]
+    if len(values) < 2:
+        return  # nothing to share a commit with
+    try:
+        with uninterruptible():
+            set_intermediate_values(ctx.rt.study, values)
+    except Exception as e:
+        log.debug(
+            "job %s: batched epoch report failed (%s); reporting one by one", ctx.rt.job_id, e
+        )
+
+
+def _objective_value(m: EpochMetrics, objective: str) -> float:
+    return m.val_accuracy if objective == "val_accuracy" else m.val_loss
+
+
 def run_trial(ctx: TrialContext) -> TrialOutcome:
     """Run one trial for a job whose budget slot the caller has already reserved."""
     try:
@@ -328,16 +374,31 @@ def run_trial(ctx: TrialContext) -> TrialOutcome:
             config = prepare(ctx.rt, trial)
             with interruptible():
                 result = train_trial(
-                    config, ctx.rt.data, device=ctx.rt.device, on_epoch=epoch_hook(ctx, trial)
+                    config,
+                    ctx.rt.data,
+                    device=ctx.rt.device,
+                    on_epoch=epoch_hook(ctx, trial),
+                    keep_interrupt=True,
                 )
         except Exception as e:
             return finish_interrupted(ctx, trial, e)
+        if result.interrupted is not None:
+            return finish_interrupted(ctx, trial, result.interrupted, result)
         return finish(ctx, trial, result)
 
 
-def finish_interrupted(ctx: TrialContext, trial: optuna.Trial, exc: BaseException) -> TrialOutcome:
-    """Map the exception that ended a trial to its state (the one place this mapping lives)."""
-    return _settled(ctx, trial, lambda: _finish_interrupted(ctx, trial, exc))
+def finish_interrupted(
+    ctx: TrialContext,
+    trial: optuna.Trial,
+    exc: BaseException,
+    result: TrialResult | None = None,
+) -> TrialOutcome:
+    """Map the exception that ended a trial to its state (the one place this mapping lives).
+
+    ``result``: what the trial trained before it was stopped; a pruned trial records it (its
+    history, epochs and training time) like a finished one, so its cost shows too.
+    """
+    return _settled(ctx, trial, lambda: _finish_interrupted(ctx, trial, exc, result))
 
 
 def _settled(
@@ -355,7 +416,9 @@ def _settled(
         raise
 
 
-def _finish_interrupted(ctx: TrialContext, trial: optuna.Trial, exc: BaseException) -> TrialOutcome:
+def _finish_interrupted(
+    ctx: TrialContext, trial: optuna.Trial, exc: BaseException, result: TrialResult | None
+) -> TrialOutcome:
     rt, number = ctx.rt, trial.number
     if isinstance(exc, UpdateFinishedTrialError):
         return _lost(ctx, trial)
@@ -366,6 +429,9 @@ def _finish_interrupted(ctx: TrialContext, trial: optuna.Trial, exc: BaseExcepti
         log.warning("trial %s of job %s: %s; re-queued", number, rt.job_id, reason)
         return _fail(ctx, trial, Outcome.REQUEUED, reason=f"requeued: {reason}", requeue=True)
     if isinstance(exc, optuna.TrialPruned):
+        if result is not None:
+            attrs = _result_attrs(result, target=rt.spec.training.target_accuracy)
+            ctx.retry(lambda: set_user_attrs(rt.study, trial, attrs), f"recording trial {number}")
         return _tell(ctx, trial, TrialState.PRUNED, Outcome.PRUNED, reason=str(exc))
     if isinstance(exc, JobCancelled):
         return _fail(ctx, trial, Outcome.CANCELLED, reason=f"cancelled: {exc}")
@@ -519,7 +585,14 @@ def _tell(
     reason: str | None = None,
 ) -> TrialOutcome:
     rt = ctx.rt
-    told = ctx.retry(lambda: _tell_once(rt.study, trial, value_or_state), f"telling {trial.number}")
+    attempts = 0
+
+    def tell() -> bool:
+        nonlocal attempts
+        attempts += 1
+        return _tell_once(rt.study, trial, value_or_state, retried=attempts > 1)
+
+    told = ctx.retry(tell, f"telling {trial.number}")
     if not told:
         return _lost(ctx, trial)
     job = ctx.retry(lambda: sync_finished(rt.study, ctx.jobs, rt.job_id), "counting trials")
@@ -532,16 +605,23 @@ def _tell(
 
 
 def _tell_once(
-    study: optuna.Study, trial: optuna.Trial, value_or_state: float | TrialState
+    study: optuna.Study,
+    trial: optuna.Trial,
+    value_or_state: float | TrialState,
+    *,
+    retried: bool = False,
 ) -> bool:
     """Tell the trial; True if it is now finished by us, False if someone else finished it.
 
-    Safe to repeat after a dropped connection: a COMPLETE or PRUNED trial can only have been told
-    by its own worker (the reaper only ever fails trials; a retry is a new trial), so finding our
-    trial finished that way means an earlier attempt went through."""
-    frozen = study._storage.get_trial(trial._trial_id)
-    if frozen.state.is_finished():
-        return frozen.state != TrialState.FAIL
+    Safe to repeat after a dropped connection (``retried``): a COMPLETE or PRUNED trial can only
+    have been told by its own worker (the reaper only ever fails trials; a retry is a new
+    trial), so finding our trial finished that way means an earlier attempt went through. A
+    first attempt skips that read: ``study.tell`` reads the trial itself and refuses a finished
+    one, which the handlers below sort out."""
+    if retried:
+        frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state.is_finished():
+            return frozen.state != TrialState.FAIL
     try:
         if isinstance(value_or_state, TrialState):
             study.tell(trial, state=value_or_state)
@@ -549,7 +629,7 @@ def _tell_once(
             study.tell(trial, value_or_state)
     except UpdateFinishedTrialError:
         return False
-    except ValueError:  # "Cannot tell a FAIL trial": failed between our read and our tell
+    except ValueError:  # "Cannot tell a FAIL trial": finished elsewhere before our tell
         frozen = study._storage.get_trial(trial._trial_id)
         if frozen.state.is_finished():
             return frozen.state != TrialState.FAIL

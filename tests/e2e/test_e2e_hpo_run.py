@@ -189,6 +189,11 @@ def test_median_pruning_and_divergence(tmp_path: Path, population: str) -> None:
     # hopeless trials stop early: pruned by the median rule before their last epoch
     assert pruned, summary
     assert all(len(t.intermediate_values) < 4 for t in pruned), summary
+    for t in pruned:  # a pruned trial records what it trained, as a finished one does
+        assert t.user_attrs["epochs_run"] == len(t.intermediate_values), summary
+        assert [h["epoch"] for h in t.user_attrs["history"]] == sorted(t.intermediate_values)
+        assert t.user_attrs["duration_s"] > 0
+        assert "train_accuracy" not in t.user_attrs  # the train-split evaluation is for finishers
     best = run.study().best_trial
     assert not best.user_attrs.get("diverged")
     assert best.value is not None and 0.8 < best.value <= 1.0

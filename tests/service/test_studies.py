@@ -15,6 +15,7 @@ from service.studies import (
     GRID_ENQUEUED_ATTR,
     JOB_ID_ATTR,
     SPEC_ATTR,
+    completed_learning_curves,
     create_job_study,
     load_job_study,
     make_pruner,
@@ -130,3 +131,24 @@ def test_samplers_are_seeded() -> None:
     assert isinstance(tpe, optuna.samplers.TPESampler)
     rnd = make_sampler(JobSpec.model_validate(random_spec(sampler={"type": "random", "seed": 3})))
     assert isinstance(rnd, optuna.samplers.RandomSampler)
+
+
+def test_completed_learning_curves_are_what_the_percentile_pruner_reads(database_url: str) -> None:
+    storage = make_storage(database_url, Settings())
+    study = optuna.create_study(storage=storage, direction="maximize")
+    for i in range(3):  # COMPLETE, with curves
+        t = study.ask()
+        for step in (1, 2, 3):
+            t.report(0.1 * i + 0.01 * step, step)
+        study.tell(t, 0.5)
+    study.tell(study.ask(), 0.4)  # COMPLETE, reported nothing: still counts as a finished trial
+    pruned = study.ask()
+    pruned.report(0.9, 1)
+    study.tell(pruned, state=TrialState.PRUNED)
+    study.ask().report(float("nan"), 1)  # running: not finished
+    curves = completed_learning_curves(storage, study._study_id)
+    assert curves is not None
+    expected = [t.intermediate_values for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert curves == expected
+    assert len(curves) == 4 and curves[3] == {}
+    assert completed_learning_curves(optuna.storages.InMemoryStorage(), 0) is None

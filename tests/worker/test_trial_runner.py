@@ -8,6 +8,7 @@ from typing import Any
 import optuna
 import pytest
 
+from worker import trial_runner
 from worker.trial_runner import PruningSnapshot
 
 
@@ -56,13 +57,17 @@ def test_one_read_of_the_finished_trials_per_epoch(
     members = [study.ask() for _ in range(8)]
     storage = study._storage
     reads: list[Any] = []
-    real = storage.get_all_trials
+    real = trial_runner.completed_learning_curves
 
     def counted(*args: Any, **kwargs: Any) -> Any:
-        reads.append(kwargs.get("states"))
+        reads.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(storage, "get_all_trials", counted)
+    def loads_every_trial(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the snapshot reads only the finished trials' curves")
+
+    monkeypatch.setattr(trial_runner, "completed_learning_curves", counted)
+    monkeypatch.setattr(storage, "get_all_trials", loads_every_trial)
     snapshot = PruningSnapshot()
     for step in range(1, 4):
         for t in members:

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from worker.population.grouping import grouped_indices
 from worker.population.optimizers import MixedBatchedOptimizer, optimizer_order
 from worker.population.stacked import StackedMLP
 from worker.training import (
@@ -60,11 +61,8 @@ from worker.training import (
     build_optimizer,
     build_scheduler,
     count_parameters,
+    train_trial,
 )
-
-# train_trial's own per-trial state: single-member groups run the sequential code itself
-# (not a copy of it), yet still return an interrupted member's result instead of raising.
-from worker.training.loop import _Run
 
 AUTOCAST_MODES: tuple[str, ...] = ("tf32", "bf16")
 # What must be equal for trials to share one stack (the rest is per member).
@@ -77,6 +75,9 @@ POPULATION_KEY_FIELDS: tuple[str, ...] = (
 )
 
 OnEpoch = Callable[[int, EpochMetrics], None]
+# Called once per epoch, before the members' on_epoch calls, with every (index, metrics)
+# about to be passed to on_epoch: lets the caller write them all in one go.
+OnEpochs = Callable[[list[tuple[int, EpochMetrics]]], None]
 
 
 def population_key(config: TrialConfig) -> tuple[object, ...]:
@@ -86,10 +87,7 @@ def population_key(config: TrialConfig) -> tuple[object, ...]:
 
 def group_configs(configs: Sequence[TrialConfig]) -> list[list[int]]:
     """Indices of ``configs`` grouped by ``population_key``, groups and members in order."""
-    groups: dict[tuple[object, ...], list[int]] = {}
-    for i, config in enumerate(configs):
-        groups.setdefault(population_key(config), []).append(i)
-    return list(groups.values())
+    return grouped_indices(configs, population_key)
 
 
 def train_population(
@@ -99,6 +97,7 @@ def train_population(
     device: torch.device | str | None = None,
     on_epoch: OnEpoch | None = None,
     autocast: str | None = None,
+    on_epochs: OnEpochs | None = None,
 ) -> list[TrialResult]:
     """Train every config as ``train_trial`` would; results in the order of ``configs``.
 
@@ -113,6 +112,10 @@ def train_population(
     ``autocast``: None (fp32, the sequential numerics), ``"tf32"`` (CUDA: fp32 matmuls may use
     TF32 during the call; no effect on CPU) or ``"bf16"`` (the batched matmuls take bfloat16
     inputs; weights, loss and optimizer stay fp32).
+
+    ``on_epochs(batch)``: called once per epoch of a population (not for a lone fp32 member,
+    which runs the sequential code), before the members' ``on_epoch`` calls, with every
+    ``(i, metrics)`` that on_epoch is about to get; an exception from it ends the population.
     """
     configs = list(configs)
     if not configs:
@@ -136,6 +139,7 @@ def train_population(
             device,
             on_epoch,
             torch.bfloat16 if autocast == "bf16" else None,
+            on_epochs,
         )
         for i, result in zip(order, population.run(), strict=True):
             results[i] = result
@@ -162,32 +166,13 @@ def _train_alone(
     device: torch.device,
     on_epoch: OnEpoch | None,
 ) -> TrialResult:
-    """``train_trial``'s recipe, except that an ``on_epoch`` exception is returned, not raised."""
-    started = time.perf_counter()
-    interrupted: Exception | None = None
-    rng_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(config.seed)
-        with torch.device("cpu"):
-            model = build_mlp(data.n_features, data.n_classes, config)
-        model.to(device)
-        order = torch.Generator(device="cpu").manual_seed(config.seed)
-        run = _Run(config, data, model, order)
-        try:
-            run.fit(None if on_epoch is None else functools.partial(on_epoch, index))
-        except Exception as exc:
-            interrupted = exc
-        finally:
-            run.restore_best()
-    return _result(
+    """``train_trial`` itself, with an ``on_epoch`` exception returned, not raised."""
+    return train_trial(
         config,
-        run.history,
-        run.best_metrics,
-        stopped_early=run.stopped_early,
-        diverged_reason=run.diverged_reason,
-        interrupted=interrupted,
-        duration_s=time.perf_counter() - started,
-        model=model,
+        data,
+        device=device,
+        on_epoch=None if on_epoch is None else functools.partial(on_epoch, index),
+        keep_interrupt=True,
     )
 
 
@@ -268,11 +253,13 @@ class _Population:
         device: torch.device,
         on_epoch: OnEpoch | None,
         matmul_dtype: torch.dtype | None,
+        on_epochs: OnEpochs | None = None,
     ) -> None:
         started = time.perf_counter()
         self.data = data
         self.device = device
         self.on_epoch = on_epoch
+        self.on_epochs = on_epochs
         first = configs[0]
         self.max_epochs = first.max_epochs
         n_train, batch_size = int(data.y_train.shape[0]), first.batch_size
@@ -294,6 +281,7 @@ class _Population:
             matmul_dtype=matmul_dtype,
         )
         self.optimizer = MixedBatchedOptimizer(configs, self.stack.params)
+        self.X_train = self.stack.inputs_for(data.X_train)  # once per population
         setup_share = (time.perf_counter() - started) / len(configs)
         for m in self.members:
             m.duration_s += setup_share
@@ -355,7 +343,7 @@ class _Population:
         correct = torch.zeros(P, dtype=torch.int64, device=self.device)
         for slot, (_, start, size) in enumerate(self.steps):
             rows = perm[:, start : start + size].reshape(-1)
-            correct += stack.train_step(data.X_train, data.y_train, rows, losses[slot])
+            correct += stack.train_step(self.X_train, data.y_train, rows, losses[slot])
             self.optimizer.step(stack.params, stack.grads)
         for m in active:
             m.step_schedule()
@@ -400,6 +388,14 @@ class _Population:
                 m.bad_epochs += 1
             m.history.append(metrics)
         stack.save_best(improved)  # before on_epoch, as sequentially: a raise keeps this epoch
+
+        reporting = [pos for pos, m in enumerate(active) if m.diverged_reason is None]
+        if self.on_epochs is not None and self.on_epoch is not None and reporting:
+            called = time.perf_counter()
+            self.on_epochs([(active[pos].index, active[pos].history[-1]) for pos in reporting])
+            share = (time.perf_counter() - called) / len(reporting)
+            for pos in reporting:
+                active[pos].duration_s += share
 
         leaving: list[int] = []
         for pos, m in enumerate(active):

@@ -96,8 +96,9 @@ class TrialResult:
     seed: int
     objective: str
     model: nn.Module = field(repr=False)
-    # Set only by the population trainer, to the exception its on_epoch raised for this trial
-    # (the trial stopped there, best weights restored); train_trial raises it instead.
+    # The exception that ended training early (on_epoch's pruning or cancellation, an error in
+    # training), best weights restored; only with train_trial(keep_interrupt=True) and the
+    # population trainer, else train_trial raises it.
     interrupted: BaseException | None = None
 
     def raise_if_diverged(self) -> None:
@@ -139,12 +140,16 @@ def train_trial(
     *,
     device: torch.device | str | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    keep_interrupt: bool = False,
 ) -> TrialResult:
     """Train ``config`` on ``data`` (see the module docstring for the exact order of steps).
 
     ``device`` defaults to the data's device; data elsewhere is moved there once.
     ``on_epoch`` is called after each epoch's validation and may raise (e.g. to prune or to
-    cancel): the exception propagates unchanged after the best weights are restored.
+    cancel): the exception propagates unchanged after the best weights are restored, or, with
+    ``keep_interrupt``, an ``Exception`` is returned in the result's ``interrupted`` together
+    with the history so far (a pruned trial's epochs are worth recording). BaseExceptions that
+    are not Exceptions (KeyboardInterrupt, SystemExit) always propagate.
     Bit-identical results for equal (config, data) on CPU with the same thread count.
     """
     started = time.perf_counter()
@@ -158,8 +163,13 @@ def train_trial(
         model.to(device)
         order = torch.Generator(device="cpu").manual_seed(config.seed)
         run = _Run(config, data, model, order)
+        interrupted: Exception | None = None
         try:
             run.fit(on_epoch)
+        except Exception as exc:
+            if not keep_interrupt:
+                raise
+            interrupted = exc
         finally:
             run.restore_best()  # also when on_epoch raised: leave a usable model behind
 
@@ -179,6 +189,7 @@ def train_trial(
         seed=config.seed,
         objective=config.objective,
         model=model,
+        interrupted=interrupted,
     )
 
 

@@ -209,7 +209,16 @@ def test_a_member_whose_callback_raises_leaves_the_stack(
         if index == 1 and metrics.epoch == 2:
             raise error
 
-    results = train_population(configs, small_digits, on_epoch=on_epoch)
+    batches: list[list[tuple[int, int]]] = []
+
+    def on_epochs(batch: list[tuple[int, EpochMetrics]]) -> None:
+        assert all(m.epoch == batch[0][1].epoch for _, m in batch)  # one epoch at a time
+        batches.append([(i, m.epoch) for i, m in batch])
+
+    results = train_population(configs, small_digits, on_epoch=on_epoch, on_epochs=on_epochs)
+    # on_epochs saw, once per epoch and before them, exactly the calls on_epoch then got
+    assert [call for batch in batches for call in batch] == calls
+    assert [len(batch) for batch in batches] == [3, 3, 2, 2, 2]
     assert [e for i, e in calls if i == 1] == [1, 2]  # no epoch after the raise is reported
     assert [e for i, e in calls if i == 0] == [1, 2, 3, 4, 5]
     assert [e for i, e in calls if i == 2] == [1, 2, 3, 4, 5]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -176,6 +177,30 @@ def test_on_epoch_exception_propagates_unchanged(digits: TensorSplits) -> None:
     with pytest.raises(_Stop) as excinfo:
         train_trial(TrialConfig(hidden_layers=(8,), max_epochs=5), digits, on_epoch=prune_at_two)
     assert excinfo.value is error and calls == [1, 2]
+
+
+def test_keep_interrupt_returns_the_epochs_trained_so_far(digits: TensorSplits) -> None:
+    error = _Stop("pruned")
+
+    def prune_at_two(metrics: EpochMetrics) -> None:
+        if metrics.epoch == 2:
+            raise error
+
+    config = TrialConfig(hidden_layers=(8,), max_epochs=5)
+    result = train_trial(config, digits, on_epoch=prune_at_two, keep_interrupt=True)
+    assert result.interrupted is error
+    assert result.epochs_run == 2 and [h["epoch"] for h in result.history] == [1, 2]
+    assert result.duration_s > 0 and result.best_epoch in (1, 2)
+    # the same two epochs as a run that was not interrupted
+    full = train_trial(replace(config, max_epochs=2), digits)
+    assert result.history[1]["val_loss"] == full.history[1]["val_loss"]
+    assert full.interrupted is None
+
+    def interrupt(metrics: EpochMetrics) -> None:
+        raise KeyboardInterrupt  # not an Exception: never kept
+
+    with pytest.raises(KeyboardInterrupt):
+        train_trial(config, digits, on_epoch=interrupt, keep_interrupt=True)
 
 
 @pytest.mark.parametrize(
