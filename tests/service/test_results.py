@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import optuna
+import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -13,6 +14,7 @@ from service.results import (
     MODEL_ARTIFACT_ATTR,
     best_trial,
     best_view,
+    progress,
     state_counts,
     top_trials,
     trial_row,
@@ -132,3 +134,37 @@ def test_non_finite_intermediate_values_become_none() -> None:
     )
     row = trial_row(s.get_trials()[0], with_history=True)
     assert row["intermediate_values"] == {"0": 0.4, "1": None}
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_progress_answers_as_the_full_read_without_it(database_url: str, direction: str) -> None:
+    """progress() (the polled job detail) equals state_counts + best_trial, on SQLite, on
+    PostgreSQL and on a storage that is not an RDB one."""
+    from service.studies import make_storage
+
+    for s in (
+        optuna.create_study(direction=direction, storage=make_storage(database_url)),
+        study(direction),  # in-memory: the fallback
+    ):
+        counts, best = progress(s)
+        assert best is None and counts["complete"] == 0 and counts["diverged"] == 0
+        add(s, 0.7)
+        add(s, 0.9)
+        add(s, 0.9, **{MODEL_ARTIFACT_ATTR: "abc"})  # the tie with saved weights wins
+        add(s, 0.1)
+        add(s, None, TrialState.PRUNED, diverged=True, diverged_reason="loss is nan")
+        add(s, None, TrialState.PRUNED, diverged=False)
+        add(s, None, TrialState.FAIL)
+        add(s, None, TrialState.WAITING)
+        s.ask()  # RUNNING
+        counts, best = progress(s)
+        assert counts == state_counts(s.get_trials(deepcopy=False))
+        assert counts["complete"] == 4 and counts["diverged"] == 1 and counts["running"] == 1
+        expected = best_trial(s)
+        assert expected is not None and best is not None
+        assert (best.number, best.value, best.params) == (
+            expected.number,
+            expected.value,
+            expected.params,
+        )
+        assert best.number == (2 if direction == "maximize" else 3)

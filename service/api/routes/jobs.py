@@ -30,7 +30,12 @@ from service.api.schemas import (
 )
 from service.db import Job
 from service.errors import ConflictError, DatasetError, NotFoundError, SpecError
-from service.results import MODEL_ARTIFACT_ATTR, best_trial, best_view, state_counts, trial_row
+from service.results import (
+    MODEL_ARTIFACT_ATTR,
+    best_view,
+    progress,
+    trial_row,
+)
 from service.spec import JobSpec
 from service.states import JobState
 from service.submission import check_limits, dataset_shape, estimate_parameters, submit
@@ -228,12 +233,10 @@ def list_jobs(
 def get_job(job_id: str, jobs: JobsDep, storage: StorageDep, owner: OwnerDep) -> JobDetail:
     job = jobs.get(job_id, owner=owner)
     study = _study(job, storage)
-    trials = study.get_trials(deepcopy=False)
-    counts = state_counts(trials)
-    bt = best_trial(study)
+    counts, top = progress(study)
     best = (
-        BestSummary(trial_number=bt.number, value=bt.value, params=bt.params)
-        if bt and bt.value is not None
+        BestSummary(trial_number=top.number, value=top.value, params=top.params)
+        if top is not None
         else None
     )
     elapsed = eta = None
