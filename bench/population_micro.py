@@ -74,7 +74,9 @@ def n_params() -> int:
 
 
 def flops_per_model_epoch() -> float:
-    return 6.0 * n_params() * N_TRAIN + 2.0 * n_params() * N_VAL
+    from bench.run import flops_per_model_epoch as needed_flops
+
+    return needed_flops(N_FEATURES, list(HIDDEN), N_CLASSES, N_TRAIN, N_VAL)
 
 
 MATMUL_N = 2048  # fp32 torch.mm of 2048 x 2048 matrices: 17 GFLOP, big enough for peak
