@@ -1,5 +1,6 @@
-"""Trial writes that must be one transaction: several user attributes at once, a failure
-together with its reason, and one epoch's intermediate values of a whole population.
+"""Trial writes that must be one transaction: a trial's start (who runs it and every sampled
+parameter), several user attributes at once, a failure together with its reason, and one
+epoch's intermediate values of a whole population.
 
 Optuna's public API commits each ``set_user_attr`` separately; a finished trial records about a
 dozen attributes, so on SQLite that is a dozen fsync-bound commits per trial. This uses the RDB
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
@@ -25,6 +28,86 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 FAIL_REASON_ATTR = "fail_reason"
+
+
+# A sampled parameter as Optuna stores it: (name, value in internal representation, distribution).
+PendingParam = tuple[str, float, BaseDistribution]
+
+
+class _HeldParams:
+    """A trial's storage, except that ``set_trial_param`` is held back in ``pending``."""
+
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+        self.pending: list[PendingParam] = []
+
+    def set_trial_param(
+        self, trial_id: int, name: str, value: float, distribution: BaseDistribution
+    ) -> None:
+        self.pending.append((name, value, distribution))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+@contextmanager
+def held_params(trial: optuna.Trial) -> Iterator[list[PendingParam]]:
+    """Sample inside this block without writing: the trial's ``suggest_*`` calls return their
+    values (and the trial caches them, as usual) but the writes are collected in the yielded
+    list, for ``start_trial`` to write in one transaction.
+
+    Sampling never reads the current trial's parameters back from storage (Optuna's
+    ``Trial._suggest`` keeps them in the trial's own cache; samplers read other trials), so
+    holding the writes changes no sampled value.
+    """
+    held = _HeldParams(trial.storage)
+    trial.storage = held  # type: ignore[assignment]  # duck-typed: everything else forwarded
+    try:
+        yield held.pending
+    finally:
+        trial.storage = held._storage
+
+
+def start_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    system_attrs: dict[str, Any],
+    params: Sequence[PendingParam],
+) -> None:
+    """Record a running trial's start in one transaction: ``system_attrs`` (which worker runs
+    it) and its sampled ``params`` (from ``held_params``).
+
+    Readers see the trial claimed with all its parameters or neither, and on SQLite it is one
+    commit instead of one per parameter plus one for the claim. Safe to repeat after a lost
+    answer: parameters already stored for the trial are skipped. Raises
+    UpdateFinishedTrialError, writing nothing, if the trial is finished.
+    """
+    storage = study._storage
+    trial_id = trial._trial_id
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, RDBStorage):
+        for key, value in system_attrs.items():
+            storage.set_trial_system_attr(trial_id, key, value)
+        for name, value, distribution in params:
+            storage.set_trial_param(trial_id, name, value, distribution)
+        return
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        _lock_running(session, [trial_id])
+        for key, value in system_attrs.items():
+            backend._set_trial_attr_without_commit(
+                session, models.TrialSystemAttributeModel, trial_id, key, value
+            )
+        model = models.TrialParamModel
+        stored = {name for (name,) in session.query(model.param_name).filter_by(trial_id=trial_id)}
+        for name, value, distribution in params:
+            if name in stored:
+                continue
+            try:  # Optuna's own write: checks the distribution against the study's earlier ones
+                backend._set_trial_param_without_commit(
+                    session, trial_id, name, value, distribution
+                )
+            except ValueError as e:  # Optuna's message does not name the parameter
+                raise ValueError(f"parameter {name!r}: {e}") from e
 
 
 def set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any]) -> None:

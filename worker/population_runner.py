@@ -17,7 +17,6 @@ from worker.trial_runner import (
     TrialContext,
     TrialOutcome,
     ask,
-    claim,
     epoch_hook,
     finish,
     finish_interrupted,
@@ -47,8 +46,7 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
         prepared: list[tuple[optuna.Trial, TrialConfig]] = []
         for t in trials:
             try:
-                claim(ctx, t)
-                prepared.append((t, prepare(rt, t)))
+                prepared.append((t, prepare(ctx, t)))
             except Exception as e:
                 outcomes[t.number] = finish_interrupted(ctx, t, e)
         for group in group_configs([c for _, c in prepared]):

@@ -1,7 +1,8 @@
 """Run one trial of a job: ask, train, tell. Exceptions map to trial states here and nowhere else.
 
-Storage writes per trial: one intermediate value per epoch (``trial.report``), plus a constant
-number at the end (user attributes, the tell, and the model artifact when the trial is a new best).
+Storage writes per trial: one at the start (the claim and every sampled parameter), one
+intermediate value per epoch (``trial.report``), plus a constant number at the end (user
+attributes, the tell, and the model artifact when the trial is a new best).
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ from service.db.retry import call_with_retry, describe, is_transient
 from service.results import MODEL_ARTIFACT_ATTR
 from service.states import JobState
 from service.studies import completed_learning_curves, count_finished_trials
-from service.trial_attrs import fail_trial, set_intermediate_values, set_user_attrs
+from service.trial_attrs import (
+    fail_trial,
+    held_params,
+    set_intermediate_values,
+    set_user_attrs,
+    start_trial,
+)
 from worker.runtime import JobRuntime
 from worker.training import (
     EpochMetrics,
@@ -277,15 +284,6 @@ def ask(rt: JobRuntime) -> optuna.Trial:
         return rt.study.ask()
 
 
-def claim(ctx: TrialContext, trial: optuna.Trial) -> None:
-    """Record which worker runs the trial (visible in the dashboard's system attributes)."""
-    storage = ctx.rt.study._storage
-    ctx.retry(
-        lambda: storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker_identity()),
-        f"claiming trial {trial.number}",
-    )
-
-
 def release_unasked(ctx: TrialContext, n: int = 1) -> None:
     """Give back budget slots reserved for trials that were never asked (ask itself failed)."""
     for _ in range(n):
@@ -295,9 +293,20 @@ def release_unasked(ctx: TrialContext, n: int = 1) -> None:
             log.error("job %s: a budget slot could not be released: %s", ctx.rt.job_id, e)
 
 
-def prepare(rt: JobRuntime, trial: optuna.Trial) -> TrialConfig:
-    """Sample the trial's parameters and resolve them into a TrialConfig."""
-    params = suggest(rt.spec.resolved_space(), trial)
+def prepare(ctx: TrialContext, trial: optuna.Trial) -> TrialConfig:
+    """Sample the trial's parameters and resolve them into a TrialConfig.
+
+    The parameters are written together with the claim (which worker runs the trial, shown in
+    the dashboard's system attributes) in one transaction: a trial is never seen claimed with
+    only some of its parameters, and it costs one commit, not one per parameter plus one.
+    """
+    rt = ctx.rt
+    with held_params(trial) as pending:
+        params = suggest(rt.spec.resolved_space(), trial)
+    ctx.retry(
+        lambda: start_trial(rt.study, trial, {WORKER_ATTR: worker_identity()}, pending),
+        f"claiming trial {trial.number}",
+    )
     return resolve_config(
         rt.spec, params, seed=trial_seed(rt.spec, original_number(rt.study, trial))
     )
@@ -370,8 +379,7 @@ def run_trial(ctx: TrialContext) -> TrialOutcome:
         raise
     with Heartbeat(ctx.rt.study._storage, [trial._trial_id]):
         try:
-            claim(ctx, trial)
-            config = prepare(ctx.rt, trial)
+            config = prepare(ctx, trial)
             with interruptible():
                 result = train_trial(
                     config,

@@ -140,9 +140,11 @@ def test_sigterm_stops_cleanly_within_grace_even_mid_epoch(
     trial is then interrupted mid-epoch); no trial stays RUNNING, the budget slot is returned."""
     env = sqlite_env
     grace = 8.0  # the worker interrupts its epoch at grace - STOP_MARGIN_S (3 s) = 5 s
-    # 280k training rows: one epoch takes ~10 s on one core, longer than the grace period.
+    # 280k training rows on one torch thread: one epoch takes ~9 s (measured with the fused
+    # Adam kernel), longer than the grace period; two threads would bring it near the 6 s at
+    # which the worker interrupts it (1 s in + grace - margin), so the test pins one.
     job = env.submit(slow_spec("sigterm", n_trials=1, epochs=2, n_samples=400_000))
-    a = env.worker("a", HPO_STOP_GRACE_S=str(grace))
+    a = env.worker("a", HPO_STOP_GRACE_S=str(grace), HPO_TORCH_THREADS="1")
     victim = env.wait_trial(
         job,
         lambda t: t.state == TrialState.RUNNING and worker_of(a)(t),
@@ -163,7 +165,10 @@ def test_sigterm_stops_cleanly_within_grace_even_mid_epoch(
     assert "requeued" in failed.user_attrs.get("fail_reason", "")
     requeued = [t for t in trials if t.system_attrs.get("hpo_requeue_of") == victim.number]
     assert len(requeued) == 1 and requeued[0].state == TrialState.WAITING
-    assert requeued[0].params == victim.params
+    # A trial is claimed together with all its sampled parameters (one transaction), so the
+    # victim as first seen running already had them all.
+    assert set(victim.params) == {"learning_rate", "dropout"}, victim.params
+    assert requeued[0].params == failed.params == victim.params
     j = env.job(job.id)
     assert j.reserved == 0 and j.failures == 0  # the slot went back; not the trial's fault
     figure(

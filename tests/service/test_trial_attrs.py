@@ -10,7 +10,20 @@ from optuna.exceptions import UpdateFinishedTrialError
 from sqlalchemy import event
 
 from service.studies import make_storage
-from service.trial_attrs import set_intermediate_values, set_user_attrs
+from service.trial_attrs import (
+    held_params,
+    set_intermediate_values,
+    set_user_attrs,
+    start_trial,
+)
+
+
+def _sample(trial: optuna.Trial) -> dict[str, object]:
+    return {
+        "lr": trial.suggest_float("lr", 1e-5, 1e-1, log=True),
+        "optimizer": trial.suggest_categorical("optimizer", ["sgd", "adam"]),
+        "layers": trial.suggest_int("layers", 1, 4),
+    }
 
 
 @pytest.fixture
@@ -69,11 +82,81 @@ def test_user_attrs_are_one_commit_an_upsert_and_refused_once_finished(
     assert "late" not in study._storage.get_trial(trial._trial_id).user_attrs
 
 
+def test_a_trial_start_is_one_commit_with_the_values_optuna_would_sample(
+    study_and_commits: tuple[optuna.Study, list[int]],
+) -> None:
+    study, commits = study_and_commits
+    study.sampler = optuna.samplers.RandomSampler(seed=3)
+    trial = study.ask()
+    with held_params(trial) as pending:
+        values = _sample(trial)
+        assert study._storage.get_trial(trial._trial_id).params == {}  # nothing written yet
+    assert trial.storage is study._storage  # the trial's own storage is back
+    commits.clear()
+    start_trial(study, trial, {"worker": "host:1"}, pending)
+    assert len(commits) == 1
+    stored = study._storage.get_trial(trial._trial_id)
+    assert stored.params == values == trial.params
+    assert stored.system_attrs["worker"] == "host:1"
+    # the same seed through Optuna's ordinary one-write-per-parameter path: the same values
+    plain = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    assert _sample(plain.ask()) == values
+    # a repeat (the first commit went through but its answer was lost) changes nothing
+    start_trial(study, trial, {"worker": "host:1"}, pending)
+    assert study._storage.get_trial(trial._trial_id).params == values
+
+
+def test_a_trial_start_is_refused_whole_once_finished_or_incompatible(
+    study_and_commits: tuple[optuna.Study, list[int]],
+) -> None:
+    study, _ = study_and_commits
+    first = study.ask()
+    with held_params(first) as pending:
+        _sample(first)
+    start_trial(study, first, {}, pending)
+    finished = study.ask()
+    with held_params(finished) as pending:
+        _sample(finished)
+    study.tell(finished, state=optuna.trial.TrialState.FAIL)  # e.g. the reaper failed it
+    with pytest.raises(UpdateFinishedTrialError):
+        start_trial(study, finished, {"worker": "host:2"}, pending)
+    assert study._storage.get_trial(finished._trial_id).params == {}
+    # a parameter whose distribution contradicts the study's: nothing of the start is written
+    other = study.ask()
+    with held_params(other) as pending:
+        other.suggest_float("dropout", 0.0, 0.5)
+        other.suggest_categorical("lr", ["a", "b"])  # "lr" is a log-float in this study
+    with pytest.raises(ValueError, match="parameter 'lr': Cannot set different distribution"):
+        start_trial(study, other, {"worker": "host:3"}, pending)
+    stored = study._storage.get_trial(other._trial_id)
+    assert stored.params == {} and "worker" not in stored.system_attrs
+
+
+def test_a_grid_sampler_trial_starts_with_its_grid_point(database_url: str) -> None:
+    storage = make_storage(database_url)
+    grid = {"lr": [1e-3, 1e-2], "optimizer": ["sgd", "adam"], "layers": [1, 2]}
+    study = optuna.create_study(storage=storage, sampler=optuna.samplers.GridSampler(grid, seed=0))
+    seen = set()
+    for _ in range(8):  # all asked before any is told: grid points are handed out at ask
+        trial = study.ask()
+        with held_params(trial) as pending:
+            values = _sample(trial)
+        start_trial(study, trial, {}, pending)
+        seen.add(tuple(values.values()))
+    assert len(seen) == 8  # every grid point once
+    assert {tuple(t.params[k] for k in ("lr", "optimizer", "layers")) for t in study.trials} == seen
+    storage.engine.dispose()
+
+
 def test_other_storages_fall_back_to_the_public_api() -> None:
     study = optuna.create_study()  # in-memory
     a, b = study.ask(), study.ask()
     set_intermediate_values(study, [(a, 2, 0.25), (b, 2, 0.75)])
     set_user_attrs(study, a, {"k": [1, 2]})
+    with held_params(b) as pending:
+        values = _sample(b)
+    start_trial(study, b, {"worker": "w"}, pending)
     trials = study.get_trials()
     assert [t.intermediate_values for t in trials] == [{2: 0.25}, {2: 0.75}]
     assert trials[0].user_attrs == {"k": [1, 2]}
+    assert trials[1].params == values and trials[1].system_attrs["worker"] == "w"
