@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -34,10 +35,22 @@ StorageOpt = Annotated[
 
 
 def _settings(storage: str | None = None) -> Settings:
-    s = Settings()
+    try:
+        s = Settings()
+    except ValidationError as e:  # a bad HPO_* environment variable: say which, no traceback
+        raise fail(settings_error(e), 2) from None
     if storage:
         s = s.model_copy(update={"database_url": storage})
     return s
+
+
+def settings_error(e: ValidationError) -> str:
+    """``HPO_<NAME>='value': reason`` for each invalid setting."""
+    return "; ".join(
+        f"HPO_{'_'.join(str(p) for p in err['loc']).upper()}={err.get('input')!r}: "
+        f"{err['msg'].removeprefix('Value error, ')}"
+        for err in e.errors()
+    )
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -78,13 +91,32 @@ def worker(
     population: Annotated[
         int | None, typer.Option("--population", help="Trials trained together.")
     ] = None,
+    processes: Annotated[
+        str | None,
+        typer.Option(
+            "--processes",
+            help="Worker processes, each with its share of the cores: a number, or 'auto' (one "
+            "per CPU on CPU, one with CUDA). Default: HPO_WORKER_PROCESSES or 1.",
+        ),
+    ] = None,
 ) -> None:
     """Take trials of runnable jobs from the shared database until stopped (SIGTERM exits 0)."""
-    from worker.loop import Worker
-
     settings = _settings(storage)
     if population is not None:
         settings = settings.model_copy(update={"population": population})
+    if processes is not None:
+        settings = settings.model_copy(update={"worker_processes": processes})
+    from worker.supervisor import resolve_processes
+
+    try:
+        n = resolve_processes(settings.worker_processes, settings.device)
+    except ValueError as e:
+        raise fail(str(e), 2) from None
+    if n > 1:
+        raise typer.Exit(_supervise(n, settings, storage, once, max_trials))
+
+    from worker.loop import Worker
+
     size = "auto" if settings.population is None else str(settings.population)
     ready = f"worker ready: polling every {settings.poll_interval_s:g} s, population {size}"
     w = Worker(
@@ -94,8 +126,33 @@ def worker(
         on_ready=lambda: err_console.print(ready, highlight=False),
     )
     w.install_signal_handlers()
-    n = w.run()
-    err_console.print(f"worker stopped after {n} trials")
+    n_trials = w.run()
+    err_console.print(f"worker stopped after {n_trials} trials")
+
+
+def _supervise(
+    n: int, settings: Settings, storage: str | None, once: bool, max_trials: int | None
+) -> int:
+    """``hpo worker --processes n``: n single-worker children, restarted when they die."""
+    from worker.supervisor import Supervisor, child_commands, child_env
+
+    env = child_env(n, settings.torch_threads)
+    commands = child_commands(
+        n, storage=storage, population=settings.population, once=once, max_trials=max_trials
+    )
+    err_console.print(
+        f"worker supervisor: {len(commands)} processes x {env['HPO_TORCH_THREADS']} torch "
+        "threads each",
+        highlight=False,
+    )
+    sup = Supervisor(
+        commands,
+        env,
+        stop_grace_s=settings.stop_grace_s,
+        on_event=lambda msg: err_console.print(f"worker supervisor: {msg}", highlight=False),
+    )
+    sup.install_signal_handlers()
+    return sup.run()
 
 
 @app.command()

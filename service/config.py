@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     population: int | None = Field(
         default=None, description="Trials trained together; None = automatic."
     )
+    worker_processes: str = Field(
+        default="1",
+        description="Worker processes per `hpo worker`, each with its share of the cores: a "
+        "number, or 'auto' (one per CPU on CPU, one with CUDA).",
+    )
 
     # Limits
     max_n_trials: int = defaults.MAX_N_TRIALS
@@ -80,6 +85,14 @@ class Settings(BaseSettings):
     def _check_device(cls, v: str) -> str:
         if v not in {"auto", "cpu", "cuda"}:
             raise ValueError("must be one of auto, cpu, cuda")
+        return v
+
+    @field_validator("worker_processes")
+    @classmethod
+    def _check_worker_processes(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v != "auto" and not (v.isdigit() and int(v) >= 1):
+            raise ValueError("must be 'auto' or a number >= 1")
         return v
 
     # Derived paths --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 
 from tests.deploy.compose_local import TOKEN, LocalService, compose_config, local_service
 from tests.support.procs import HpoProcess, wait_until
+from worker.cpus import available_cpus
 
 pytestmark = pytest.mark.slow
 
@@ -117,6 +118,10 @@ def test_api_worker_dashboard(
     data = Path(api.env["HPO_DATA_ROOT"])
     assert any((data / "artifacts").iterdir()), "the worker saved no model into the volume"
     assert (data / "hpo.db").is_file() == (database is None)
+
+    # HPO_WORKER_PROCESSES=auto: one worker process per CPU under a supervisor (one CPU: none)
+    supervised = "worker supervisor: " in worker_proc.log_tail(100_000)
+    assert supervised == (available_cpus() > 1), worker_proc.log_tail()
 
     # docker compose stop: SIGTERM, and the worker exits cleanly within its grace period.
     start = time.monotonic()

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.hpo.live import Live
-from tests.support.procs import free_port
+from tests.support.procs import free_port, hpo_env, run_hpo
 
 pytestmark = pytest.mark.slow
 
@@ -118,3 +118,23 @@ def test_server_unreachable(live: Live) -> None:
     r = live.hpo("jobs", "--server", f"http://127.0.0.1:{free_port()}")
     assert r.code != 0
     assert "cannot reach the server at http://127.0.0.1:" in r.error_line()
+
+
+@pytest.mark.parametrize("value", ["0", "many"])
+def test_worker_processes_must_be_auto_or_positive(live: Live, value: str) -> None:
+    r = live.hpo("worker", "--processes", value, "--once")
+    assert r.code == 2
+    assert (
+        f"--processes / HPO_WORKER_PROCESSES: expected 'auto' or a number >= 1, got '{value}'"
+        in (r.error_line())
+    )
+
+
+def test_a_bad_setting_in_the_environment_names_the_variable(tmp_path: Path) -> None:
+    env = hpo_env(tmp_path / "data", HPO_WORKER_PROCESSES="x", HPO_PORT="abc")
+    p = run_hpo(["worker", "--once"], tmp_path, env=env, timeout=60)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    err = p.stderr.strip()
+    assert "HPO_PORT='abc': Input should be a valid integer" in err, err
+    assert "HPO_WORKER_PROCESSES='x': must be 'auto' or a number >= 1" in err, err

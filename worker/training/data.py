@@ -6,13 +6,13 @@ only moves it to the device once per worker process so every trial reuses the sa
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from service.errors import DatasetError
+from worker.cpus import available_cpus
 
 _SPLITS = ("train", "val", "test")
 
@@ -157,16 +157,9 @@ def configure_cpu_threads(n_processes: int) -> int:
     """
     if n_processes < 1:
         raise ValueError(f"n_processes: must be >= 1, got {n_processes}")
-    threads = max(1, _available_cpus() // n_processes)
+    threads = max(1, available_cpus() // n_processes)
     torch.set_num_threads(threads)
     return threads
-
-
-def _available_cpus() -> int:
-    # The affinity mask is what a container/cgroup cpuset really grants; cpu_count ignores it.
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 __all__ = ["TensorSplits", "configure_cpu_threads", "resolve_device", "to_tensors"]
