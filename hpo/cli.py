@@ -136,10 +136,8 @@ def _supervise(
     """``hpo worker --processes n``: n single-worker children, restarted when they die."""
     from worker.supervisor import Supervisor, child_commands, child_env
 
-    env = child_env(n, settings.torch_threads)
-    commands = child_commands(
-        n, storage=storage, population=settings.population, once=once, max_trials=max_trials
-    )
+    env = child_env(n, settings.torch_threads, storage)
+    commands = child_commands(n, population=settings.population, once=once, max_trials=max_trials)
     err_console.print(
         f"worker supervisor: {len(commands)} processes x {env['HPO_TORCH_THREADS']} torch "
         "threads each",

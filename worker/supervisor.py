@@ -16,7 +16,6 @@ exits 2, since every restart would fail the same way.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -27,8 +26,6 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from worker.cpus import available_cpus
-
-log = logging.getLogger(__name__)
 
 CONFIG_ERROR_EXIT = 2  # typer's usage errors and ``fail(..., 2)``: the same on every restart
 RESTART_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # consecutive quick deaths back off this far
@@ -68,18 +65,11 @@ def _cuda_available() -> bool:
 
 
 def child_commands(
-    n: int,
-    *,
-    storage: str | None,
-    population: int | None,
-    once: bool,
-    max_trials: int | None,
+    n: int, *, population: int | None, once: bool, max_trials: int | None
 ) -> list[list[str]]:
     """One ``hpo worker`` command line per child; ``max_trials`` is shared out among them (a
     child whose share is 0 is not started)."""
     base = [sys.executable, "-m", "hpo", "worker", "--processes", "1"]
-    if storage:
-        base += ["--storage", storage]
     if population is not None:
         base += ["--population", str(population)]
     if once:
@@ -89,11 +79,15 @@ def child_commands(
     return [[*base, "--max-trials", str(k)] for k in split_evenly(max_trials, n) if k > 0]
 
 
-def child_env(n: int, torch_threads: int | None) -> dict[str, str]:
+def child_env(n: int, torch_threads: int | None, database_url: str | None) -> dict[str, str]:
     """The children's environment: each gets ``torch_threads`` intra-op threads, by default its
-    equal share of the CPUs (at least one), so together they never oversubscribe the cores."""
+    equal share of the CPUs (at least one), so together they never oversubscribe the cores.
+    A ``--storage`` URL travels in the environment, not on command lines ``ps`` shows."""
     threads = torch_threads or max(1, available_cpus() // n)
-    return {**os.environ, "HPO_TORCH_THREADS": str(threads), "HPO_WORKER_PROCESSES": "1"}
+    env = {**os.environ, "HPO_TORCH_THREADS": str(threads), "HPO_WORKER_PROCESSES": "1"}
+    if database_url:
+        env["HPO_DATABASE_URL"] = database_url
+    return env
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child before exec
@@ -128,9 +122,9 @@ class Supervisor:
     stop_grace_s: float
     on_event: Callable[[str], None] = lambda _msg: None
     kill_margin_s: float = KILL_MARGIN_S
-    _children: list[_Child] = field(default_factory=list)
-    _stopping: bool = False
-    _kill_at: float | None = None
+    _children: list[_Child] = field(default_factory=list, init=False)
+    _stopping: bool = field(default=False, init=False)
+    _kill_at: float | None = field(default=None, init=False)
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -181,6 +175,8 @@ class Supervisor:
         )
         c.started_at = time.monotonic()
         c.restart_at = None
+        if self._stopping:  # a signal came while it was being started: it was not told
+            c.proc.send_signal(signal.SIGTERM)
 
     def _tend(self, c: _Child, now: float) -> None:
         if c.proc is None:  # waiting to be restarted

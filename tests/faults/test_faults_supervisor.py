@@ -5,8 +5,8 @@ within the stop grace with exit 0 and no trial left RUNNING."""
 from __future__ import annotations
 
 import os
-import sys
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path

@@ -47,21 +47,22 @@ def test_resolve_processes() -> None:
 
 
 def test_child_commands_share_max_trials_and_pass_options_through() -> None:
-    cmds = child_commands(3, storage="sqlite:///x.db", population=4, once=True, max_trials=4)
+    cmds = child_commands(3, population=4, once=True, max_trials=4)
     assert [c[-1] for c in cmds] == ["2", "1", "1"]
     assert all(c[:6] == [sys.executable, "-m", "hpo", "worker", "--processes", "1"] for c in cmds)
-    assert all(
-        {"--storage", "sqlite:///x.db", "--population", "4", "--once"} <= set(c) for c in cmds
-    )
-    assert len(child_commands(4, storage=None, population=None, once=False, max_trials=2)) == 2
-    plain = child_commands(2, storage=None, population=None, once=False, max_trials=None)
+    assert all({"--population", "4", "--once"} <= set(c) for c in cmds)
+    assert len(child_commands(4, population=None, once=False, max_trials=2)) == 2
+    plain = child_commands(2, population=None, once=False, max_trials=None)
     assert plain == [[sys.executable, "-m", "hpo", "worker", "--processes", "1"]] * 2
 
 
-def test_child_env_shares_the_cpus() -> None:
-    env = child_env(available_cpus() * 2, None)
+def test_child_env_shares_the_cpus_and_carries_the_storage_url() -> None:
+    env = child_env(available_cpus() * 2, None, None)
     assert env["HPO_TORCH_THREADS"] == "1" and env["HPO_WORKER_PROCESSES"] == "1"
-    assert child_env(2, 3)["HPO_TORCH_THREADS"] == "3"
+    assert env.get("HPO_DATABASE_URL") == os.environ.get("HPO_DATABASE_URL")
+    env = child_env(2, 3, "postgresql+psycopg://u:secret@db/hpo")
+    assert env["HPO_TORCH_THREADS"] == "3"
+    assert env["HPO_DATABASE_URL"] == "postgresql+psycopg://u:secret@db/hpo"  # not on argv
 
 
 def test_children_that_finish_end_the_supervisor_with_0() -> None:
