@@ -16,6 +16,7 @@ from sqlalchemy import func, select, text
 from search_spaces.sampling import distribution
 from service.config import Settings
 from service.db.engine import configure_sqlite, engine_kwargs, ensure_sqlite_dir
+from service.samplers import TrialSeededRandomSampler, TrialSeededTPESampler
 from service.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -146,12 +147,18 @@ def stale_study_names(storage: optuna.storages.BaseStorage, grace_s: float) -> s
 
 
 def make_sampler(spec: JobSpec) -> optuna.samplers.BaseSampler:
+    """The job's sampler. With a seed, draws are seeded per trial (service.samplers): every
+    worker process builds its own sampler, and per-process streams would repeat each other."""
     s = spec.sampler
     if s.type == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+        if s.seed is None:
+            return optuna.samplers.TPESampler(n_startup_trials=s.n_startup_trials)
+        return TrialSeededTPESampler(s.seed, n_startup_trials=s.n_startup_trials)
     # Grid jobs enqueue every point up front; RandomSampler only fills parameters a retried
     # trial does not fix, which never happens for a complete grid.
-    return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.seed is None:
+        return optuna.samplers.RandomSampler()
+    return TrialSeededRandomSampler(s.seed)
 
 
 def make_pruner(spec: JobSpec) -> optuna.pruners.BasePruner:

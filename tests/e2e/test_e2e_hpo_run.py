@@ -163,7 +163,8 @@ HOPELESS = {
             "init": {"type": "categorical", "choices": ["he_normal", "xavier_uniform"]},
         }
     },
-    "sampler": {"type": "random", "seed": 4},
+    # seed 0 draws momentum with learning rate 8.9 (trial 1 diverges) and tiny rates (pruned)
+    "sampler": {"type": "random", "seed": 0},
     "n_trials": 12,
     "training": {"max_epochs": 4},
     "pruner": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1},

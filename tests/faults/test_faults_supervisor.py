@@ -53,6 +53,9 @@ def test_supervised_children_share_a_job_a_killed_one_is_restarted_sigterm_stops
     assert env.trial(job, victim.number).state == TrialState.FAIL  # reaped, then retried
     pids = {_child_pid(t) for t in trials if t.state != TrialState.WAITING}
     assert victim_pid in pids and len(pids) >= 3, pids  # two children, then the restarted one
+    # a seeded random search: the children never sample the same parameters (service.samplers)
+    originals = [t for t in trials if t.system_attrs.get("failed_trial") is None]
+    assert len({tuple(sorted(t.params.items())) for t in originals}) == len(originals) == 6
     assert sup.alive()
     log = sup.log_tail(20_000)
     assert f"(pid {victim_pid}) died (signal SIGKILL)" in log, log

@@ -88,6 +88,10 @@ def test_population_results_equal_sequential_results(tmp_path: Path) -> None:
     the stack shares one mask generator, so members match their solo selves only in distribution.)"""
     space = load_preset("default").model_dump(mode="json", exclude_none=True)
     space["parameters"]["dropout"] = {"type": "fixed", "value": 0.0}
+    # Up to 0.03: at the top of the default range (0.1) RMSprop is chaotic, and the different
+    # float summation order of a stack grows past any fixed tolerance within 3 epochs (seen:
+    # rmsprop at 0.093, best validation loss 1.38264 vs 1.38219).
+    space["parameters"]["learning_rate"]["high"] = 0.03
     spec = random_spec(n_trials=8, search_space=space, training={"max_epochs": 3})
     runs = {}
     for population in (1, 8):
