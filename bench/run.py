@@ -154,6 +154,7 @@ def run_baseline(setup: Setup, spec: dict[str, Any]) -> tuple[Result, list[tuple
 
     from search_spaces.sampling import suggest
     from service.spec import JobSpec
+    from service.studies import make_sampler
     from worker.training import build_mlp, build_optimizer
     from worker.trial_config import resolve_config
 
@@ -194,7 +195,9 @@ def run_baseline(setup: Setup, spec: dict[str, Any]) -> tuple[Result, list[tuple
 
     study = optuna.create_study(
         direction="maximize",
-        sampler=optuna.samplers.RandomSampler(seed=0),
+        # The job's own seeded random sampler (make_sampler: RandomSampler drawing per trial),
+        # so trial k has the same parameters here as in every other contender.
+        sampler=make_sampler(js),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
     )
     t0 = time.time()
@@ -260,7 +263,32 @@ def _result(
         best_val_accuracy=best,
         trials_per_min=n / wall * 60,
         model_epochs_per_s=model_epochs / wall,
+        # Every trial's reported epochs and last validation accuracy, for the paired comparison
+        # (trial k has the same parameters in every contender: same seeded sampler, same order).
+        notes={
+            "last_val_by_trial": {
+                t.number: (
+                    len(t.intermediate_values),
+                    t.intermediate_values[max(t.intermediate_values)],
+                )
+                for t in trials
+                if t.intermediate_values
+            }
+        },
     )
+
+
+def paired_delta(r: Result, base: Result, epochs: int) -> tuple[float, int] | None:
+    """Mean last-epoch validation accuracy of ``r`` minus the baseline's, in points, over the
+    trials both trained for all ``epochs`` (same parameters, different initial weights), and
+    how many. Unlike best-of-N it is not decided by the one luckiest initialisation."""
+    mine, theirs = r.notes["last_val_by_trial"], base.notes["last_val_by_trial"]
+    diffs = [
+        mine[k][1] - theirs[k][1]
+        for k in mine.keys() & theirs.keys()
+        if mine[k][0] == theirs[k][0] == epochs
+    ]
+    return (sum(diffs) / len(diffs) * 100, len(diffs)) if diffs else None
 
 
 # Contenders 2 and 3: the engine (hpo run's code path) ---------------------------------------------
@@ -487,17 +515,25 @@ def main() -> int:
 
     print(
         f"\n{'contender':23} {'wall s':>8} {'trials/min':>11} {'epochs/s':>9} {'best val':>9} "
-        f"{'t->base best':>12} {'overhead':>9} {'GFLOP/s':>8} {'of peak':>8}"
+        f"{'paired':>13} {'t->base best':>12} {'overhead':>9} {'GFLOP/s':>8} {'of peak':>8}"
     )
     for r in results:
         ttb = (
             f"{r.time_to_baseline_best_s:.1f}" if r.time_to_baseline_best_s is not None else "never"
         )
         ov = f"{r.overhead_share:.1%}" if r.overhead_share is not None else "-"
+        paired = paired_delta(r, base, setup.epochs) if r is not base else None
+        r.notes["paired_delta_pp"] = paired
+        pd = f"{paired[0]:+.2f}pp/{paired[1]}" if paired else "-"
         print(
             f"{r.name:23} {r.wall_s:8.1f} {r.trials_per_min:11.1f} {r.model_epochs_per_s:9.1f} "
-            f"{r.best_val_accuracy:9.4f} {ttb:>12} {ov:>9} {r.gflops:8.2f} {r.peak_share:8.1%}"
+            f"{r.best_val_accuracy:9.4f} {pd:>13} {ttb:>12} {ov:>9} {r.gflops:8.2f} "
+            f"{r.peak_share:8.1%}"
         )
+    print(
+        "paired: mean last-epoch val accuracy minus the baseline's over the trials both trained "
+        "for every epoch (same parameters)/how many"
+    )
     summary = _summary(results, "")
     summary_bf16 = _summary(results, "_bf16")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -533,6 +569,7 @@ def _summary(results: list[Result], suffix: str) -> dict[str, float]:
         "population_vs_baseline": pop_r.trials_per_min / base.trials_per_min,
         "service_vs_baseline": svc.trials_per_min / base.trials_per_min,
         "quality_delta_pp": (pop_r.best_val_accuracy - base.best_val_accuracy) * 100,
+        "paired_quality_delta_pp": (pop_r.notes.get("paired_delta_pp") or (float("nan"),))[0],
     }
 
 
