@@ -263,13 +263,15 @@ def _result(
         best_val_accuracy=best,
         trials_per_min=n / wall * 60,
         model_epochs_per_s=model_epochs / wall,
-        # Every trial's reported epochs and last validation accuracy, for the paired comparison
-        # (trial k has the same parameters in every contender: same seeded sampler, same order).
+        # Every trial's reported epochs, last validation accuracy and parameters, for the paired
+        # comparison (trial k has the same parameters in every contender: the job's sampler
+        # draws per trial).
         notes={
             "last_val_by_trial": {
                 t.number: (
                     len(t.intermediate_values),
                     t.intermediate_values[max(t.intermediate_values)],
+                    repr(sorted(t.params.items())),
                 )
                 for t in trials
                 if t.intermediate_values
@@ -280,13 +282,13 @@ def _result(
 
 def paired_delta(r: Result, base: Result, epochs: int) -> tuple[float, int] | None:
     """Mean last-epoch validation accuracy of ``r`` minus the baseline's, in points, over the
-    trials both trained for all ``epochs`` (same parameters, different initial weights), and
-    how many. Unlike best-of-N it is not decided by the one luckiest initialisation."""
+    trials both trained for all ``epochs`` with the same parameters (different initial
+    weights), and how many. Unlike best-of-N it is not decided by the luckiest initialisation."""
     mine, theirs = r.notes["last_val_by_trial"], base.notes["last_val_by_trial"]
     diffs = [
         mine[k][1] - theirs[k][1]
         for k in mine.keys() & theirs.keys()
-        if mine[k][0] == theirs[k][0] == epochs
+        if mine[k][0] == theirs[k][0] == epochs and mine[k][2] == theirs[k][2]
     ]
     return (sum(diffs) / len(diffs) * 100, len(diffs)) if diffs else None
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from tests.faults._harness import FaultEnv, slow_spec, stopped
+from tests.faults._harness import FaultEnv, slow_spec, small_spec, stopped
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +138,27 @@ def test_children_stop_when_the_supervisor_is_sigkilled(
     killed = time.monotonic()
     env.wait(lambda: all(_gone(k) for k in kids), 20, "the orphaned children to stop", [])
     figure(f"supervisor SIGKILLed: both children stopped {time.monotonic() - killed:.1f}s later")
+
+
+def test_max_trials_is_shared_out_and_once_exits_when_done(
+    sqlite_env: FaultEnv, figure: Callable[[str], None]
+) -> None:
+    env = sqlite_env
+    job = env.submit(small_spec("supervised-once", n_trials=6))
+    sup = env.worker("sup", "--processes", "2", "--once", "--max-trials", "3")
+    started = time.monotonic()
+    assert stopped(sup, 120) == 0, sup.log_tail()
+    took = time.monotonic() - started
+    trials = env.trials(job)
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    by_child: dict[int, int] = {}
+    for t in finished:
+        by_child[_child_pid(t)] = by_child.get(_child_pid(t), 0) + 1
+    # 3 trials in all: 2 for one child and 1 for the other, each exits after its share
+    assert sorted(by_child.values()) == [1, 2], by_child
+    assert sup.log_tail(20_000).count("worker stopped after") == 2
+    assert env.job(job.id).state == "running"  # 3 of 6 done; nothing left RUNNING
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    figure(
+        f"--processes 2 --once --max-trials 3: exit 0 after {took:.1f}s, trials per child {by_child}"
+    )
