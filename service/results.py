@@ -73,11 +73,11 @@ def progress(study: optuna.Study) -> tuple[dict[str, int], BestRow | None]:
     machine. On an RDB storage this is three small queries and one trial load; elsewhere it
     falls back to the full read. Same answers either way (tests/service/test_results.py).
     """
-    from optuna.storages import RDBStorage
+    from service.studies import rdb_backend
 
     storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    if not isinstance(backend, RDBStorage):
+    backend = rdb_backend(storage)
+    if backend is None:
         trials = study.get_trials(deepcopy=False)
         bt = best_trial(study)
         best = None if bt is None or bt.value is None else BestRow(bt.number, bt.value, bt.params)

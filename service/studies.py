@@ -66,10 +66,21 @@ def make_storage(
     return storage
 
 
+def rdb_backend(storage: optuna.storages.BaseStorage) -> RDBStorage | None:
+    """The RDB storage behind ``storage``, or None for any other kind of storage.
+
+    Optuna wraps an RDB storage in ``_CachedStorage``; this is the one place that knows the
+    wrapper's private ``_backend`` attribute. The SQL fast paths below and in trial_attrs /
+    results go through it, and fall back to Optuna's public API on None.
+    """
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, RDBStorage) else None
+
+
 def count_finished_trials(storage: optuna.storages.BaseStorage, study_id: int) -> int:
     """COMPLETE + PRUNED trials of a study: one COUNT query instead of loading every trial."""
-    backend = getattr(storage, "_backend", storage)
-    if isinstance(backend, RDBStorage):
+    backend = rdb_backend(storage)
+    if backend is not None:
         with backend.engine.connect() as conn:
             n = conn.execute(
                 text(
@@ -96,8 +107,8 @@ def completed_learning_curves(
     """
     from optuna.storages._rdb import models
 
-    backend = getattr(storage, "_backend", storage)
-    if not isinstance(backend, RDBStorage):
+    backend = rdb_backend(storage)
+    if backend is None:
         return None
     t, v = models.TrialModel, models.TrialIntermediateValueModel
     query = (
@@ -123,8 +134,8 @@ def stale_study_names(storage: optuna.storages.BaseStorage, grace_s: float) -> s
     database's own clock, as in Optuna's heartbeat check."""
     from optuna.storages._rdb import models
 
-    backend = getattr(storage, "_backend", storage)
-    if not isinstance(backend, RDBStorage):
+    backend = rdb_backend(storage)
+    if backend is None:
         return set()
     with backend.engine.connect() as conn:
         now = conn.execute(select(func.now())).scalar()

@@ -20,12 +20,13 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from service.studies import rdb_backend
 
 FAIL_REASON_ATTR = "fail_reason"
 
@@ -84,8 +85,8 @@ def start_trial(
     """
     storage = study._storage
     trial_id = trial._trial_id
-    backend = getattr(storage, "_backend", storage)
-    if not isinstance(backend, RDBStorage):
+    backend = rdb_backend(storage)
+    if backend is None:
         for key, value in system_attrs.items():
             storage.set_trial_system_attr(trial_id, key, value)
         for name, value, distribution in params:
@@ -113,8 +114,8 @@ def start_trial(
 def set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     """Set all ``attrs`` on a running trial atomically; raises UpdateFinishedTrialError like Optuna."""
     storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    if not isinstance(backend, RDBStorage):
+    backend = rdb_backend(storage)
+    if backend is None:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
@@ -182,8 +183,8 @@ def set_intermediate_values(
     updated as ``Trial.report`` does, so its pruning checks see the values.
     """
     storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    if not isinstance(backend, RDBStorage):
+    backend = rdb_backend(storage)
+    if backend is None:
         for trial, step, value in values:
             trial.report(value, step)
         return
@@ -235,8 +236,8 @@ def fail_trial(study: optuna.Study, trial_id: int, reason: str) -> bool:
     first, e.g. the stale-trial reaper, which never writes a fail_reason.
     """
     storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    if not isinstance(backend, RDBStorage):
+    backend = rdb_backend(storage)
+    if backend is None:
         try:
             storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
             return bool(storage.set_trial_state_values(trial_id, TrialState.FAIL))
