@@ -255,10 +255,15 @@ def stop_procs(procs: list[HpoProcess], grace: float = 15) -> list[int]:
     return [p.stop() for p in procs]
 
 
+def worker_pid(t: FrozenTrial) -> int | None:
+    """The pid of the worker that claimed ``t`` (it records host:pid), None if unclaimed."""
+    claim = str(t.system_attrs.get("hpo_worker", ""))
+    return int(claim.rsplit(":", 1)[1]) if ":" in claim else None
+
+
 def worker_of(p: HpoProcess) -> Callable[[FrozenTrial], bool]:
-    """Trials claimed by process ``p`` (the worker records host:pid on every trial it runs)."""
-    suffix = f":{p.pid}"
-    return lambda t: str(t.system_attrs.get("hpo_worker", "")).endswith(suffix)
+    """Trials claimed by process ``p``."""
+    return lambda t: worker_pid(t) == p.pid
 
 
 def mid_epoch(p: HpoProcess, epoch: int = 1) -> Callable[[FrozenTrial], bool]:

@@ -14,13 +14,9 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from tests.faults._harness import FaultEnv, slow_spec, small_spec, stopped
+from tests.faults._harness import FaultEnv, slow_spec, small_spec, stopped, worker_pid
 
 pytestmark = pytest.mark.slow
-
-
-def _child_pid(t: object) -> int:
-    return int(str(t.system_attrs.get("hpo_worker", "")).rsplit(":", 1)[-1] or 0)  # type: ignore[attr-defined]
 
 
 def test_supervised_children_share_a_job_a_killed_one_is_restarted_sigterm_stops_all(
@@ -37,8 +33,8 @@ def test_supervised_children_share_a_job_a_killed_one_is_restarted_sigterm_stops
         120,
         "a child inside epoch 2",
     )
-    victim_pid = _child_pid(victim)
-    assert victim_pid not in (0, sup.pid)  # trials are run by the children, not the supervisor
+    victim_pid = worker_pid(victim)
+    assert victim_pid not in (None, sup.pid)  # trials are run by the children, not the supervisor
     os.kill(victim_pid, signal.SIGKILL)
     killed_at = time.monotonic()
     env.wait(
@@ -51,7 +47,7 @@ def test_supervised_children_share_a_job_a_killed_one_is_restarted_sigterm_stops
     env.wait_state(job, {"succeeded", "failed"}, 240)
     trials = env.assert_finished_on_budget(job)
     assert env.trial(job, victim.number).state == TrialState.FAIL  # reaped, then retried
-    pids = {_child_pid(t) for t in trials if t.state != TrialState.WAITING}
+    pids = {worker_pid(t) for t in trials if t.state != TrialState.WAITING}
     assert victim_pid in pids and len(pids) >= 3, pids  # two children, then the restarted one
     # a seeded random search: the children never sample the same parameters (service.samplers)
     originals = [t for t in trials if t.system_attrs.get("failed_trial") is None]
@@ -153,7 +149,7 @@ def test_max_trials_is_shared_out_and_once_exits_when_done(
     finished = [t for t in trials if t.state == TrialState.COMPLETE]
     by_child: dict[int, int] = {}
     for t in finished:
-        by_child[_child_pid(t)] = by_child.get(_child_pid(t), 0) + 1
+        by_child[worker_pid(t)] = by_child.get(worker_pid(t), 0) + 1
     # 3 trials in all: 2 for one child and 1 for the other, each exits after its share
     assert sorted(by_child.values()) == [1, 2], by_child
     assert sup.log_tail(20_000).count("worker stopped after") == 2
