@@ -3,9 +3,10 @@ parameter), several user attributes at once, a failure together with its reason,
 epoch's intermediate values of a whole population.
 
 Optuna's public API commits each ``set_user_attr`` separately; a finished trial records about a
-dozen attributes, so on SQLite that is a dozen fsync-bound commits per trial. This uses the RDB
-storage's own per-attribute upsert inside a single session (pinned optuna==5.0.0) and falls back
-to the public API for any other storage.
+dozen attributes, so on SQLite that is a dozen fsync-bound commits per trial. These write
+Optuna's RDB tables directly, a few statements per call whatever the number of values (pinned
+optuna==5.0.0), and fall back to the public API for any other storage. Heartbeats of a whole
+population are one transaction too.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from datetime import datetime
 from typing import Any
 
 import optuna
+from optuna import distributions
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
+from sqlalchemy import func, insert
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -94,21 +97,42 @@ def start_trial(
         return
     with _create_scoped_session(backend.scoped_session, True) as session:
         _lock_running(session, [trial_id])
-        for key, value in system_attrs.items():
-            backend._set_trial_attr_without_commit(
-                session, models.TrialSystemAttributeModel, trial_id, key, value
-            )
+        _upsert_attrs(session, backend, models.TrialSystemAttributeModel, trial_id, system_attrs)
         model = models.TrialParamModel
         stored = {name for (name,) in session.query(model.param_name).filter_by(trial_id=trial_id)}
-        for name, value, distribution in params:
-            if name in stored:
-                continue
-            try:  # Optuna's own write: checks the distribution against the study's earlier ones
-                backend._set_trial_param_without_commit(
-                    session, trial_id, name, value, distribution
-                )
-            except ValueError as e:  # Optuna's message does not name the parameter
-                raise ValueError(f"parameter {name!r}: {e}") from e
+        new = [(name, value, dist) for name, value, dist in params if name not in stored]
+        if not new:
+            return
+        # Optuna's own check, for all parameters in one query instead of one per parameter:
+        # a parameter's distribution must be compatible with the study's earlier ones.
+        earlier = (
+            session.query(model.param_name, model.distribution_json)
+            .join(models.TrialModel)
+            .filter(models.TrialModel.study_id == study._study_id)
+            .filter(model.param_name.in_([name for name, _, _ in new]))
+            .distinct()
+        )
+        seen: dict[str, list[BaseDistribution]] = {}
+        for name, dist_json in earlier:
+            seen.setdefault(name, []).append(distributions.json_to_distribution(dist_json))
+        for name, _, distribution in new:
+            for previous in seen.get(name, []):
+                try:
+                    distributions.check_distribution_compatibility(previous, distribution)
+                except ValueError as e:  # Optuna's message does not name the parameter
+                    raise ValueError(f"parameter {name!r}: {e}") from e
+        session.execute(  # one executemany, no per-row RETURNING of the new ids
+            insert(model),
+            [
+                {
+                    "trial_id": trial_id,
+                    "param_name": name,
+                    "param_value": value,
+                    "distribution_json": distributions.distribution_to_json(distribution),
+                }
+                for name, value, distribution in new
+            ],
+        )
 
 
 def set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
@@ -121,28 +145,58 @@ def set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, An
         return
     with _create_scoped_session(backend.scoped_session, True) as session:
         _lock_running(session, [trial._trial_id])
-        insert = _UPSERTS.get(backend.engine.name)
-        if insert is None or not attrs:  # e.g. MySQL: Optuna's per-attribute upsert
-            for key, value in attrs.items():
-                backend._set_trial_attr_without_commit(
-                    session, models.TrialUserAttributeModel, trial._trial_id, key, value
-                )
-            return
-        # One multi-row upsert instead of a lookup and an upsert per attribute (a finished
-        # trial records about a dozen); an upsert, so a retried call overwrites, as Optuna's.
-        model = models.TrialUserAttributeModel
-        stmt = insert(model).values(
-            [
-                {"trial_id": trial._trial_id, "key": key, "value_json": json.dumps(value)}
-                for key, value in attrs.items()
-            ]
-        )
+        _upsert_attrs(session, backend, models.TrialUserAttributeModel, trial._trial_id, attrs)
+
+
+def record_heartbeats(storage: optuna.storages.BaseStorage, trial_ids: Sequence[int]) -> None:
+    """Optuna's ``record_heartbeat`` for several trials (a population) in one transaction.
+
+    Optuna's own call is a transaction of two or three statements per trial; a worker beating
+    for P trials would run P of them every interval from its heartbeat thread, beside training.
+    The time is the database's clock, read and then written as a bound value as Optuna's
+    update does: on SQLite a raw ``CURRENT_TIMESTAMP`` (Optuna's first beat) is stored without
+    the fractional seconds that a bound datetime has, and the stale-trial check compares those as strings
+    (``"12:00:05" < "12:00:05.000000"``), so it would judge a beat up to a second early."""
+    backend = rdb_backend(storage)
+    insert = None if backend is None else _UPSERTS.get(backend.engine.name)
+    if backend is None or insert is None or not trial_ids:
+        for trial_id in trial_ids:
+            storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+        return
+    model = models.TrialHeartbeatModel
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        now = session.execute(func.now()).scalar()
+        stmt = insert(model).values([{"trial_id": tid, "heartbeat": now} for tid in trial_ids])
         session.execute(
             stmt.on_conflict_do_update(
-                index_elements=[model.trial_id, model.key],
-                set_={"value_json": stmt.excluded.value_json},
+                index_elements=[model.trial_id], set_={"heartbeat": stmt.excluded.heartbeat}
             )
         )
+
+
+def _upsert_attrs(
+    session: Any, backend: Any, model: Any, trial_id: int, attrs: dict[str, Any]
+) -> None:
+    """Write a trial's user or system ``attrs`` (``model``) inside ``session``."""
+    insert = _UPSERTS.get(backend.engine.name)
+    if insert is None or not attrs:  # e.g. MySQL: Optuna's per-attribute upsert
+        for key, value in attrs.items():
+            backend._set_trial_attr_without_commit(session, model, trial_id, key, value)
+        return
+    # One multi-row upsert instead of a lookup and an upsert per attribute (a finished trial
+    # records about a dozen); an upsert, so a retried call overwrites, as Optuna's does.
+    stmt = insert(model).values(
+        [
+            {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+            for key, value in attrs.items()
+        ]
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[model.trial_id, model.key],
+            set_={"value_json": stmt.excluded.value_json},
+        )
+    )
 
 
 # Dialects with INSERT ... ON CONFLICT DO UPDATE (SQLite >= 3.24, PostgreSQL).

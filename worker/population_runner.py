@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import optuna
 
+from service.studies import waiting_trial_ids
 from worker.training import EpochMetrics, TrialConfig
 from worker.trial_runner import (
     Heartbeat,
@@ -35,8 +36,9 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
     precision = rt.spec.training.precision
     trials: list[optuna.Trial] = []
     try:
+        waiting = waiting_trial_ids(rt.study._storage, rt.study._study_id)
         for _ in range(n):
-            trials.append(ask(rt))
+            trials.append(ask(rt, waiting))
     except BaseException:
         release_unasked(ctx, n - len(trials))  # slots of the trials that were never asked
         if not trials:

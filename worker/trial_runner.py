@@ -15,7 +15,6 @@ import socket
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, cast
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
 
 from search_spaces.sampling import suggest
@@ -34,10 +34,11 @@ from service.db import Job, JobStore
 from service.db.retry import call_with_retry, describe, is_transient
 from service.results import MODEL_ARTIFACT_ATTR
 from service.states import JobState
-from service.studies import completed_learning_curves, count_finished_trials
+from service.studies import completed_learning_curves, count_finished_trials, waiting_trial_ids
 from service.trial_attrs import (
     fail_trial,
     held_params,
+    record_heartbeats,
     set_intermediate_values,
     set_user_attrs,
     start_trial,
@@ -90,9 +91,12 @@ class TrialOutcome:
     reason: str | None = None
 
 
-def original_number(study: optuna.Study, trial: optuna.Trial) -> int:
-    """The number of the first attempt of this trial (a retry keeps its seed and data order)."""
-    sa = study._storage.get_trial_system_attrs(trial._trial_id)
+def original_number(trial: optuna.Trial) -> int:
+    """The number of the first attempt of this trial (a retry keeps its seed and data order).
+
+    Read from the trial as ``ask`` loaded it: a re-queued copy is created WAITING with this
+    attribute, which nothing changes afterwards, so no storage read is needed."""
+    sa = trial._cached_frozen_trial.system_attrs
     return int(sa.get(REQUEUED_FROM_ATTR, trial.number))
 
 
@@ -120,8 +124,7 @@ class Heartbeat:
         failing = False
         while True:
             try:
-                for tid in self.trial_ids:
-                    self.storage.record_heartbeat(tid)  # type: ignore[attr-defined]
+                record_heartbeats(self.storage, self.trial_ids)
                 if failing:
                     log.info("heartbeat of trials %s recorded again", self.trial_ids)
                 failing = False
@@ -276,12 +279,31 @@ class TrialContext:
         return call_with_retry(fn, deadline_s=self.storage_retry_s, what=what)
 
 
-def ask(rt: JobRuntime) -> optuna.Trial:
-    with warnings.catch_warnings():
-        # Optuna warns that heartbeats are meant for Study.optimize; we run the heartbeat
-        # thread around ask/tell ourselves, which is exactly what optimize does.
-        warnings.simplefilter("ignore", UserWarning)
-        return rt.study.ask()
+def ask(rt: JobRuntime, waiting: list[int] | None = None) -> optuna.Trial:
+    """``Study.ask``: the oldest WAITING trial that this worker manages to claim, else a new one.
+
+    ``waiting``: ids from ``waiting_trial_ids`` that a population's asks share (claimed ones are
+    removed); None looks them up. Optuna's own ask finds WAITING trials by reading every
+    unfinished trial, so a population's P asks would read O(P^2) trials (see
+    ``waiting_trial_ids``); this is its code otherwise, claim races included: a trial that
+    another worker claims or finishes first is skipped.
+    """
+    study = rt.study
+    storage = study._storage
+    if waiting is None:
+        waiting = waiting_trial_ids(storage, study._study_id)
+    trial_id = None
+    while waiting and trial_id is None:
+        candidate = waiting.pop(0)
+        try:
+            if storage.set_trial_state_values(candidate, state=TrialState.RUNNING):
+                trial_id = candidate
+        except UpdateFinishedTrialError:
+            continue
+    if trial_id is None:
+        trial_id = storage.create_new_trial(study._study_id)
+    study._thread_local.cached_all_trials = None  # as Study.ask: a new trial, a fresh view
+    return optuna.Trial(study, trial_id)
 
 
 def release_unasked(ctx: TrialContext, n: int = 1) -> None:
@@ -307,9 +329,7 @@ def prepare(ctx: TrialContext, trial: optuna.Trial) -> TrialConfig:
         lambda: start_trial(rt.study, trial, {WORKER_ATTR: worker_identity()}, pending),
         f"claiming trial {trial.number}",
     )
-    return resolve_config(
-        rt.spec, params, seed=trial_seed(rt.spec, original_number(rt.study, trial))
-    )
+    return resolve_config(rt.spec, params, seed=trial_seed(rt.spec, original_number(trial)))
 
 
 def epoch_hook(ctx: TrialContext, trial: optuna.Trial) -> Callable[[EpochMetrics], None]:
@@ -624,17 +644,19 @@ def _tell_once(
     Safe to repeat after a dropped connection (``retried``): a COMPLETE or PRUNED trial can only
     have been told by its own worker (the reaper only ever fails trials; a retry is a new
     trial), so finding our trial finished that way means an earlier attempt went through. A
-    first attempt skips that read: ``study.tell`` reads the trial itself and refuses a finished
+    first attempt skips that read: Optuna's tell reads the trial itself and refuses a finished
     one, which the handlers below sort out."""
     if retried:
         frozen = study._storage.get_trial(trial._trial_id)
         if frozen.state.is_finished():
             return frozen.state != TrialState.FAIL
     try:
+        # Study.tell minus its last step, a full read of the told trial that it returns and
+        # we never use (six statements on the RDB storage).
         if isinstance(value_or_state, TrialState):
-            study.tell(trial, state=value_or_state)
+            _tell_with_warning(study, trial, state=value_or_state)
         else:
-            study.tell(trial, value_or_state)
+            _tell_with_warning(study, trial, value_or_state)
     except UpdateFinishedTrialError:
         return False
     except ValueError:  # "Cannot tell a FAIL trial": finished elsewhere before our tell

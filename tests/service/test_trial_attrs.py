@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 
 import optuna
@@ -9,9 +11,11 @@ import pytest
 from optuna.exceptions import UpdateFinishedTrialError
 from sqlalchemy import event
 
-from service.studies import make_storage
+from service.config import Settings
+from service.studies import make_storage, rdb_backend
 from service.trial_attrs import (
     held_params,
+    record_heartbeats,
     set_intermediate_values,
     set_user_attrs,
     start_trial,
@@ -160,3 +164,70 @@ def test_other_storages_fall_back_to_the_public_api() -> None:
     assert [t.intermediate_values for t in trials] == [{2: 0.25}, {2: 0.75}]
     assert trials[0].user_attrs == {"k": [1, 2]}
     assert trials[1].params == values and trials[1].system_attrs["worker"] == "w"
+
+
+def test_a_trial_start_is_a_few_statements_whatever_the_number_of_parameters(
+    study_and_commits: tuple[optuna.Study, list[int]],
+) -> None:
+    study, _ = study_and_commits
+    statements: list[str] = []
+    backend = rdb_backend(study._storage)
+    assert backend is not None
+    event.listen(
+        backend.engine,
+        "before_cursor_execute",
+        lambda _c, _cur, statement, *_: statements.append(statement),
+    )
+    for n_params in (1, 12):
+        trial = study.ask()
+        with held_params(trial) as pending:
+            values = {f"p{i}": trial.suggest_float(f"p{i}", 0.0, 1.0) for i in range(n_params)}
+        statements.clear()
+        start_trial(study, trial, {"worker": "host:1"}, pending)
+        # begin, lock, claim, stored names, earlier distributions, one insert (no per-row
+        # statements: Optuna's own path runs three per parameter)
+        assert len(statements) <= 7, statements
+        assert study._storage.get_trial(trial._trial_id).params == values
+
+
+def test_a_population_heartbeat_is_one_commit_on_the_database_clock(
+    database_url: str,
+) -> None:
+    settings = Settings(heartbeat_interval_s=1, heartbeat_grace_s=1)
+    storage = make_storage(database_url, settings, heartbeat=True)
+    commits: list[int] = []
+    event.listen(storage.engine, "commit", lambda _conn: commits.append(1))
+    study = optuna.create_study(storage=storage)
+    trials = [study.ask() for _ in range(4)]
+    backend = rdb_backend(storage)
+    assert backend is not None
+    for _ in range(2):  # the first beat inserts the rows, the second updates them
+        commits.clear()
+        record_heartbeats(storage, [t._trial_id for t in trials[:3]])
+        assert len(commits) == 1
+        assert backend._get_stale_trial_ids(study._study_id) == []
+    time.sleep(2.2)  # past the 1 s grace by the database's own clock: all three are stale
+    record_heartbeats(storage, [trials[0]._trial_id])  # ... but this one beat again
+    stale = set(backend._get_stale_trial_ids(study._study_id))
+    assert stale == {t._trial_id for t in trials[1:3]}  # the 4th never beat: not judged
+    storage.engine.dispose()
+
+
+def test_a_heartbeat_is_stored_in_the_form_the_stale_check_compares_with(
+    database_url: str,
+) -> None:
+    """Optuna's stale check compares stored beats with a bound datetime (now - grace); on SQLite
+    that is a string comparison, so a beat stored as a raw CURRENT_TIMESTAMP ("12:00:05",
+    what Optuna's own first beat stores) sorts before "12:00:05.000000" and is judged up to a
+    second early. Ours are bound datetimes too, on the first beat and every later one."""
+    storage = make_storage(database_url, Settings(), heartbeat=True)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    for _ in range(2):  # insert, then update
+        record_heartbeats(storage, [trial._trial_id])
+        with storage.engine.connect() as conn:
+            text = conn.exec_driver_sql("SELECT CAST(heartbeat AS TEXT) FROM trial_heartbeats")
+            (stored,) = text.scalars().all()
+        if database_url.startswith("sqlite"):  # PostgreSQL: a timestamp column, no text form
+            assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", stored), stored
+    storage.engine.dispose()

@@ -95,3 +95,45 @@ def test_reset_makes_newly_finished_trials_count(tmp_path: Path) -> None:
     assert snapshot.should_prune(mid, 1)
     assert mid.should_prune()  # as Optuna decides with the fresh trials
     assert first
+
+
+def test_ask_claims_waiting_trials_oldest_first_and_reads_no_running_trial(
+    tmp_path: Path,
+) -> None:
+    """Optuna's Study.ask reads every unfinished trial to find WAITING ones, so a population's
+    P asks read O(P^2) trials; ours is a fixed handful of statements whatever is running."""
+    from types import SimpleNamespace
+
+    from optuna.storages._rdb import models
+    from sqlalchemy import event
+
+    from service.studies import make_storage, waiting_trial_ids
+
+    storage = make_storage(f"sqlite:///{tmp_path / 'ask.db'}")
+    study = optuna.create_study(storage=storage)
+    rt: Any = SimpleNamespace(study=study)
+    running = [trial_runner.ask(rt) for _ in range(40)]
+    for lr in (0.1, 0.2, 0.3):
+        study.enqueue_trial({"lr": lr})
+    waiting = waiting_trial_ids(study._storage, study._study_id)
+    assert len(waiting) == 3
+    # another worker claims the oldest WAITING trial between our lookup and our claim
+    other = optuna.load_study(study_name=study.study_name, storage=storage).ask()
+    assert other._trial_id == waiting[0]
+    loaded: list[int] = []  # trial rows read from the database
+
+    def on_load(target: Any, _context: Any) -> None:
+        loaded.append(target.trial_id)
+
+    event.listen(models.TrialModel, "load", on_load)
+    claimed = [trial_runner.ask(rt, waiting) for _ in range(3)]
+    assert [t.suggest_float("lr", 0.0, 1.0) for t in claimed[:2]] == [0.2, 0.3]  # enqueued
+    assert claimed[2].number == len(running) + 3  # then a new trial
+    assert waiting == []
+    assert len(loaded) <= 3 * 3, loaded  # its own row only (claim, load); Optuna: 41+ per ask
+    loaded.clear()
+    study.ask()
+    assert len(loaded) > len(running)  # what this replaces
+    event.remove(models.TrialModel, "load", on_load)
+    assert {t.state for t in study.get_trials()} == {optuna.trial.TrialState.RUNNING}
+    storage.engine.dispose()
