@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         description="Worker processes per `hpo worker`, each with its share of the cores: a "
         "number, or 'auto' (one per CPU on CPU, one with CUDA).",
     )
+    worker_siblings: int = Field(
+        default=1,
+        ge=1,
+        description="Worker processes started together by one supervisor (set for its "
+        "children): they share a job's pruner start-up trials instead of each taking them all.",
+    )
 
     # Limits
     max_n_trials: int = defaults.MAX_N_TRIALS

@@ -84,9 +84,16 @@ def child_commands(
 def child_env(n: int, torch_threads: int | None, database_url: str | None) -> dict[str, str]:
     """The children's environment: each gets ``torch_threads`` intra-op threads, by default its
     equal share of the CPUs (at least one), so together they never oversubscribe the cores.
-    A ``--storage`` URL travels in the environment, not on command lines ``ps`` shows."""
+    ``HPO_WORKER_SIBLINGS`` tells each how many were started together (see
+    ``worker.loop.pruner_startup_cap``). A ``--storage`` URL travels in the environment, not on
+    command lines ``ps`` shows."""
     threads = torch_threads or max(1, available_cpus() // n)
-    env = {**os.environ, "HPO_TORCH_THREADS": str(threads), "HPO_WORKER_PROCESSES": "1"}
+    env = {
+        **os.environ,
+        "HPO_TORCH_THREADS": str(threads),
+        "HPO_WORKER_PROCESSES": "1",
+        "HPO_WORKER_SIBLINGS": str(n),
+    }
     if database_url:
         env["HPO_DATABASE_URL"] = database_url
     return env

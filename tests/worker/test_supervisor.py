@@ -59,6 +59,7 @@ def test_child_commands_share_max_trials_and_pass_options_through() -> None:
 def test_child_env_shares_the_cpus_and_carries_the_storage_url() -> None:
     env = child_env(available_cpus() * 2, None, None)
     assert env["HPO_TORCH_THREADS"] == "1" and env["HPO_WORKER_PROCESSES"] == "1"
+    assert env["HPO_WORKER_SIBLINGS"] == str(available_cpus() * 2)  # they share start-up trials
     assert env.get("HPO_DATABASE_URL") == os.environ.get("HPO_DATABASE_URL")
     env = child_env(2, 3, "postgresql+psycopg://u:secret@db/hpo")
     assert env["HPO_TORCH_THREADS"] == "3"

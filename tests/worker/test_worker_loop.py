@@ -7,6 +7,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -22,7 +23,7 @@ from service.states import JobState
 from service.studies import create_job_study, make_storage
 from service.submission import submit
 from tests.support.specs import grid_spec, random_spec
-from worker.loop import Worker
+from worker.loop import Worker, pruner_startup_cap
 from worker.trial_config import trial_seed
 
 PROBE_S = 0.5  # JobStateProbe: a worker re-reads its job's state at most this often
@@ -268,3 +269,31 @@ def test_a_dead_workers_trial_is_retried_with_the_same_parameters(tmp_path: Path
     assert {k: v for k, v in dead_params.items() if k in retry.params} == retry.params
     # same seed (and data order) as the attempt it replaces
     assert retry.user_attrs["seed"] == trial_seed(spec, dead.number)
+
+
+@pytest.mark.parametrize(
+    ("siblings", "complete", "running", "cap"),
+    [
+        (1, 0, 0, 5),  # one process: a first population of the 5 start-up trials
+        (1, 2, 0, 3),
+        (2, 0, 0, 3),  # the first of two processes takes its share ...
+        (2, 0, 3, 2),  # ... the second the rest
+        (2, 0, 5, 1),  # all running elsewhere: one trial, prunable once they complete
+        (2, 2, 3, 1),
+        (4, 0, 0, 2),
+        (2, 5, 3, 1 << 30),  # start-up done: no cap
+    ],
+)
+def test_processes_started_together_share_the_pruners_start_up_trials(
+    siblings: int, complete: int, running: int, cap: int
+) -> None:
+    study = optuna.create_study(direction="maximize")
+    for _ in range(complete):
+        study.add_trial(optuna.trial.create_trial(value=0.5))
+    for _ in range(running):
+        study.ask()
+    spec = JobSpec.model_validate(random_spec(pruner={"type": "median", "n_startup_trials": 5}))
+    rt = SimpleNamespace(spec=spec, study=study)
+    assert pruner_startup_cap(rt, siblings) == cap  # type: ignore[arg-type]
+    no_pruner = SimpleNamespace(spec=JobSpec.model_validate(random_spec()), study=study)
+    assert pruner_startup_cap(no_pruner, siblings) == 1 << 30  # type: ignore[arg-type]
