@@ -224,7 +224,7 @@ class Worker:
                     on_epoch,
                     storage_retry_s=self.settings.storage_retry_s,
                 )
-                n += self._reserve_more(job, self._population_size(rt) - 1)
+                n += self._reserve_more(job, self._population_size(job, rt) - 1)
             except BaseException:
                 self._release(job.id, n)
                 raise
@@ -258,9 +258,10 @@ class Worker:
             except Exception as e:
                 log.error("job %s: a budget slot could not be released: %s", job_id, describe(e))
 
-    def _population_size(self, rt: JobRuntime) -> int:
+    def _population_size(self, job: Job, rt: JobRuntime) -> int:
         """P: the configured --population, else chosen from the device and the model size;
-        capped while the pruner still waits for its start-up trials (see pruner_startup_cap)."""
+        capped while the pruner still waits for its start-up trials (see pruner_startup_cap)
+        and to this process's share of the job's unfinished trials (see sibling_share_cap)."""
         if self.settings.population is not None:
             p = max(1, self.settings.population)
         else:
@@ -268,7 +269,8 @@ class Worker:
 
             n_params = estimate_parameters(rt.spec, rt.n_features, rt.n_classes)
             p = auto_population_size(n_params, int(rt.data.X_train.shape[0]), rt.device)
-        return min(p, pruner_startup_cap(rt, self.settings.worker_siblings))
+        siblings = self.settings.worker_siblings
+        return min(p, pruner_startup_cap(rt, siblings), sibling_share_cap(job, siblings))
 
     def _reserve_more(self, job: Job, k: int) -> int:
         if self.max_trials is not None:
@@ -432,6 +434,21 @@ def pruner_startup_cap(rt: JobRuntime, siblings: int = 1) -> int:
         return 1 << 30
     free = missing - states[TrialState.RUNNING]
     return max(1, min(free, math.ceil(missing / siblings)))
+
+
+def sibling_share_cap(job: Job, siblings: int = 1) -> int:
+    """At most 1/``siblings`` of the job's unfinished trials, so processes started together
+    (``hpo worker --processes N``) end the job together.
+
+    Without it the first process to ask after the pruner's start-up trials took the whole rest
+    of the budget into one population (auto P is 64 on a CPU with a large cache) and its
+    sibling sat idle: measured on the bench's 48-trial job, one process trained 42 trials for
+    8.4 s while the other had finished at 2.1 s. Counting unfinished rather than unreserved
+    trials lets the second process take as many as the first: 42 left gives 21 and 21. Only the
+    tail of a budget is affected: with more trials left than siblings x P it never binds.
+    """
+    unfinished = max(1, job.n_trials - job.finished)
+    return max(1, math.ceil(unfinished / max(1, siblings)))
 
 
 def _requeue_exhausted(study: optuna.Study, trial: FrozenTrial) -> None:

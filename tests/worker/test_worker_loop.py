@@ -23,7 +23,7 @@ from service.states import JobState
 from service.studies import create_job_study, make_storage
 from service.submission import submit
 from tests.support.specs import grid_spec, random_spec
-from worker.loop import Worker, pruner_startup_cap
+from worker.loop import Worker, pruner_startup_cap, sibling_share_cap
 from worker.trial_config import trial_seed
 
 PROBE_S = 0.5  # JobStateProbe: a worker re-reads its job's state at most this often
@@ -297,3 +297,27 @@ def test_processes_started_together_share_the_pruners_start_up_trials(
     assert pruner_startup_cap(rt, siblings) == cap  # type: ignore[arg-type]
     no_pruner = SimpleNamespace(spec=JobSpec.model_validate(random_spec()), study=study)
     assert pruner_startup_cap(no_pruner, siblings) == 1 << 30  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("siblings", "finished_before", "population"),
+    [
+        (1, 0, 8),  # one process: P as configured
+        (2, 0, 5),  # two processes: half of the 10 unfinished trials each
+        (2, 4, 3),  # 6 left: 3 each
+        (3, 0, 4),  # ceil(10 / 3)
+        (2, 9, 1),  # one trial left
+    ],
+)
+def test_processes_started_together_take_equal_shares_of_a_budgets_tail(
+    tmp_path: Path, siblings: int, finished_before: int, population: int
+) -> None:
+    env = make_env(tmp_path, population=8, worker_siblings=siblings)
+    job = env.submit(random_spec(n_trials=10))
+    for _ in range(finished_before):
+        env.jobs.record_finished(job.id)
+    job = env.jobs.get(job.id)
+    worker = env.worker()
+    rt = worker.cache.get(job)
+    assert sibling_share_cap(job, siblings) == -(-(10 - finished_before) // siblings)
+    assert worker._population_size(job, rt) == population
