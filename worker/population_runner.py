@@ -9,15 +9,21 @@ population trainer implements those.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from dataclasses import replace
+
 import optuna
 
 from service.studies import waiting_trial_ids
-from worker.training import EpochMetrics, TrialConfig
+from worker.training import EpochMetrics, TrialConfig, TrialResult
 from worker.trial_runner import (
     Heartbeat,
+    Outcome,
     TrialContext,
     TrialOutcome,
     ask,
+    count_finished_into_job,
     epoch_hook,
     finish,
     finish_interrupted,
@@ -33,6 +39,7 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
     from worker.population import group_configs, train_population
 
     rt = ctx.rt
+    ctx = replace(ctx, defer_job_count=True)  # counted once, below
     precision = rt.spec.training.precision
     trials: list[optuna.Trial] = []
     try:
@@ -79,10 +86,31 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
                 for t, _ in members:
                     outcomes[t.number] = finish_interrupted(ctx, t, e)
                 continue
-            for (t, _), r in zip(members, results, strict=True):
+            for (t, _), r in _best_first(rt.study, zip(members, results, strict=True)):
                 outcomes[t.number] = (
                     finish_interrupted(ctx, t, r.interrupted, r)
                     if r.interrupted
                     else finish(ctx, t, r)
                 )
+    if any(o.outcome in _TOLD for o in outcomes.values()):
+        count_finished_into_job(ctx)
     return [outcomes[t.number] for t in trials]
+
+
+_TOLD = (Outcome.COMPLETE, Outcome.PRUNED, Outcome.DIVERGED)
+
+
+def _best_first(
+    study: optuna.Study, finished: Iterable[tuple[tuple[optuna.Trial, TrialConfig], TrialResult]]
+) -> list[tuple[tuple[optuna.Trial, TrialConfig], TrialResult]]:
+    """Members in the order to finish them: the best value first, so only it can be the job's
+    new best and at most one model per stack is evaluated on the test split and saved."""
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+    def key(item: tuple[tuple[optuna.Trial, TrialConfig], TrialResult]) -> float:
+        r = item[1]
+        if r.interrupted or r.diverged or r.best_value is None:
+            return math.inf  # not ranked: last
+        return -r.best_value if maximize else r.best_value
+
+    return sorted(finished, key=key)

@@ -1,0 +1,80 @@
+"""worker.population_runner: a population's members are finished best first and counted into
+their job once, on a real SQLite database through a real worker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from service.config import Settings
+from service.db import JobStore, create_schema, make_engine
+from service.results import MODEL_ARTIFACT_ATTR
+from service.spec import JobSpec
+from service.studies import make_storage
+from service.submission import submit
+from tests.support.specs import random_spec
+from worker.loop import Worker
+
+
+@pytest.fixture
+def job_count_updates() -> Iterator[list[str]]:
+    """Every UPDATE of a job's finished count, by any engine of this process."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        normalized = " ".join(statement.split()).lower()
+        if normalized.startswith("update hpo_jobs set finished"):
+            seen.append(normalized)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(Engine, "before_cursor_execute", record)
+
+
+def run_one_population(
+    root: Path, n_trials: int, seed: int = 0
+) -> tuple[optuna.Study, JobStore, str]:
+    """One worker, P = n_trials, a job of n_trials trials (no pruner): one population."""
+    settings = Settings(data_root=root, population=n_trials, heartbeat_interval_s=60)
+    engine = make_engine(settings.resolved_database_url)
+    create_schema(engine)
+    jobs = JobStore(engine)
+    storage = make_storage(settings.resolved_database_url, settings)
+    spec = JobSpec.model_validate(
+        random_spec(
+            n_trials=n_trials,
+            training={"max_epochs": 3},
+            sampler={"type": "random", "seed": seed},
+        )
+    )
+    job = submit(spec, settings=settings, jobs=jobs, storage=storage)[0]
+    assert Worker(settings, once=True).run() == n_trials
+    return optuna.load_study(study_name=job.study_name, storage=storage), jobs, job.id
+
+
+def test_a_population_counts_its_trials_into_the_job_once(
+    tmp_path: Path, job_count_updates: list[str]
+) -> None:
+    study, jobs, job_id = run_one_population(tmp_path, 6)
+    job = jobs.get(job_id)
+    assert job.state == "succeeded"
+    assert job.finished == 6 == len(study.get_trials(states=(TrialState.COMPLETE,)))
+    # one count for the six members (it was one per member: six)
+    assert len(job_count_updates) == 1, job_count_updates
+
+
+def test_only_the_populations_best_member_saves_a_model(tmp_path: Path) -> None:
+    # Sampler seed 2: told in trial order, trials 0, 1 and 4 were each better than the ones
+    # before them, so each was a new best, saved its weights and touched the test split.
+    study, _, _ = run_one_population(tmp_path, 6, seed=2)
+    saved = [t.number for t in study.get_trials() if MODEL_ARTIFACT_ATTR in t.user_attrs]
+    assert saved == [study.best_trial.number]
+    assert "test_accuracy" in study.best_trial.user_attrs
+    assert all("test_accuracy" not in t.user_attrs for t in study.trials if t.number not in saved)
