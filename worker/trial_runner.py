@@ -507,12 +507,19 @@ def _abandon(ctx: TrialContext, trial: optuna.Trial, exc: BaseException) -> Tria
     return TrialOutcome(Outcome.ABANDONED, trial.number, reason=reason)
 
 
-def finish(ctx: TrialContext, trial: optuna.Trial, result: TrialResult) -> TrialOutcome:
-    """Record a trained trial's result and tell it."""
-    return _settled(ctx, trial, lambda: _finish(ctx, trial, result))
+def finish(
+    ctx: TrialContext, trial: optuna.Trial, result: TrialResult, *, may_be_best: bool = True
+) -> TrialOutcome:
+    """Record a trained trial's result and tell it.
+
+    ``may_be_best=False`` skips asking the study whether the trial is its new best: a
+    population finished best first knows that only its first COMPLETE member can be."""
+    return _settled(ctx, trial, lambda: _finish(ctx, trial, result, may_be_best))
 
 
-def _finish(ctx: TrialContext, trial: optuna.Trial, result: TrialResult) -> TrialOutcome:
+def _finish(
+    ctx: TrialContext, trial: optuna.Trial, result: TrialResult, may_be_best: bool = True
+) -> TrialOutcome:
     rt, n = ctx.rt, trial.number
     study = rt.study
     attrs = _result_attrs(result, target=rt.spec.training.target_accuracy)
@@ -530,7 +537,7 @@ def _finish(ctx: TrialContext, trial: optuna.Trial, result: TrialResult) -> Tria
     value = result.best_value
     if value is None:  # no epoch finished (cannot happen with max_epochs >= 1); never ranked
         return _tell(ctx, trial, TrialState.PRUNED, Outcome.PRUNED, reason="no epoch finished")
-    if ctx.retry(lambda: _is_new_best(study, value), f"best of job {rt.job_id}"):
+    if may_be_best and ctx.retry(lambda: _is_new_best(study, value), f"best of job {rt.job_id}"):
         attrs.update(
             ctx.retry(
                 lambda: _save_best(rt, trial, result, ctx.artifact_store), f"saving trial {n}"

@@ -20,6 +20,7 @@ from service.spec import JobSpec
 from service.studies import make_storage
 from service.submission import submit
 from tests.support.specs import random_spec
+from worker import trial_runner
 from worker.loop import Worker
 
 
@@ -70,11 +71,22 @@ def test_a_population_counts_its_trials_into_the_job_once(
     assert len(job_count_updates) == 1, job_count_updates
 
 
-def test_only_the_populations_best_member_saves_a_model(tmp_path: Path) -> None:
+def test_only_the_populations_best_member_saves_a_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    best_queries: list[float] = []
+    is_new_best = trial_runner._is_new_best
+
+    def counted(study: optuna.Study, value: float) -> bool:
+        best_queries.append(value)
+        return is_new_best(study, value)
+
+    monkeypatch.setattr(trial_runner, "_is_new_best", counted)
     # Sampler seed 2: told in trial order, trials 0, 1 and 4 were each better than the ones
     # before them, so each was a new best, saved its weights and touched the test split.
     study, _, _ = run_one_population(tmp_path, 6, seed=2)
     saved = [t.number for t in study.get_trials() if MODEL_ARTIFACT_ATTR in t.user_attrs]
+    assert best_queries == [study.best_value]  # the others cannot be better than the first
     assert saved == [study.best_trial.number]
     assert "test_accuracy" in study.best_trial.user_attrs
     assert all("test_accuracy" not in t.user_attrs for t in study.trials if t.number not in saved)
