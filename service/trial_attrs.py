@@ -6,16 +6,18 @@ Optuna's public API commits each ``set_user_attr`` separately; a finished trial 
 dozen attributes, so on SQLite that is a dozen fsync-bound commits per trial. These write
 Optuna's RDB tables directly, a few statements per call whatever the number of values (pinned
 optuna==5.0.0), and fall back to the public API for any other storage. Heartbeats of a whole
-population are one transaction too.
+population are one transaction too, and so is telling its trained members (``tell_trials``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import optuna
@@ -24,8 +26,9 @@ from optuna.distributions import BaseDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
-from sqlalchemy import func, insert
+from sqlalchemy import func, insert, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -178,19 +181,27 @@ def _upsert_attrs(
     session: Any, backend: Any, model: Any, trial_id: int, attrs: dict[str, Any]
 ) -> None:
     """Write a trial's user or system ``attrs`` (``model``) inside ``session``."""
+    _upsert_many_attrs(session, backend, model, [(trial_id, attrs)])
+
+
+def _upsert_many_attrs(
+    session: Any, backend: Any, model: Any, attrs_by_trial: Sequence[tuple[int, dict[str, Any]]]
+) -> None:
+    """Write user or system attributes (``model``) of several trials inside ``session``."""
     insert = _UPSERTS.get(backend.engine.name)
-    if insert is None or not attrs:  # e.g. MySQL: Optuna's per-attribute upsert
-        for key, value in attrs.items():
-            backend._set_trial_attr_without_commit(session, model, trial_id, key, value)
+    rows = [
+        {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+        for trial_id, attrs in attrs_by_trial
+        for key, value in attrs.items()
+    ]
+    if insert is None or not rows:  # e.g. MySQL: Optuna's per-attribute upsert
+        for trial_id, attrs in attrs_by_trial:
+            for key, value in attrs.items():
+                backend._set_trial_attr_without_commit(session, model, trial_id, key, value)
         return
     # One multi-row upsert instead of a lookup and an upsert per attribute (a finished trial
     # records about a dozen); an upsert, so a retried call overwrites, as Optuna's does.
-    stmt = insert(model).values(
-        [
-            {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-            for key, value in attrs.items()
-        ]
-    )
+    stmt = insert(model).values(rows)
     session.execute(
         stmt.on_conflict_do_update(
             index_elements=[model.trial_id, model.key],
@@ -275,6 +286,131 @@ def set_intermediate_values(
             )
     for trial, step, value in values:
         trial._cached_frozen_trial.intermediate_values[step] = value
+
+
+@dataclass(frozen=True)
+class Tell:
+    """A trained trial's result: its final state, value and user attributes."""
+
+    trial_id: int
+    state: TrialState  # COMPLETE (with ``value``) or PRUNED
+    value: float | None = None
+    user_attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def tell_trials(study: optuna.Study, tells: Sequence[Tell]) -> list[bool]:
+    """Record and tell several trials in one transaction: each one's user attributes, state and
+    value, what ``set_user_attrs`` and ``Study.tell`` write, for a population's members at once.
+
+    Returns, per trial, whether it is now finished by us: told by this call, or found COMPLETE
+    or PRUNED, which only its own worker can have done (by an earlier call whose answer was
+    lost, so the call is safe to repeat). A trial found FAIL (the stale-trial reaper failed it)
+    is not written and gets False. A PRUNED trial's value is its last intermediate value, as
+    Optuna's tell stores. What Optuna's tell does besides is not needed here: the samplers the
+    service builds (``make_sampler``) have no ``after_trial`` work (tested), and the told
+    trial is not read back.
+    """
+    for t in tells:
+        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            raise ValueError(f"trial id {t.trial_id}: can tell COMPLETE or PRUNED, not {t.state}")
+        if t.state == TrialState.COMPLETE and (t.value is None or math.isnan(t.value)):
+            raise ValueError(
+                f"trial id {t.trial_id}: a COMPLETE trial needs a value, not {t.value}"
+            )
+    if not tells:
+        return []
+    storage = study._storage
+    backend = rdb_backend(storage)
+    study._thread_local.cached_all_trials = None  # as Study.tell: trials changed
+    if backend is None:
+        return [_tell_one(study, t) for t in tells]
+    ids = [t.trial_id for t in tells]
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        trials = models.TrialModel
+        states = dict(
+            session.query(trials.trial_id, trials.state)
+            .filter(trials.trial_id.in_(ids))
+            .with_for_update()
+        )
+        for t in tells:
+            state = states.get(t.trial_id)
+            if state is None:
+                raise KeyError(f"no trial with id {t.trial_id}")
+            if not state.is_finished() and state != TrialState.RUNNING:
+                raise ValueError(f"Cannot tell a {state.name} trial (id {t.trial_id}).")
+        todo = [t for t in tells if states[t.trial_id] == TrialState.RUNNING]
+        if todo:
+            values = {t.trial_id: t.value for t in todo if t.state == TrialState.COMPLETE}
+            pruned = [t for t in todo if t.state == TrialState.PRUNED]
+            values.update(_last_intermediate_values(session, pruned))
+            _upsert_many_attrs(
+                session,
+                backend,
+                models.TrialUserAttributeModel,
+                [(t.trial_id, t.user_attrs) for t in todo if t.user_attrs],
+            )
+            value_rows = []
+            for trial_id, value in values.items():
+                if value is None:
+                    continue
+                stored, kind = models.TrialValueModel.value_to_stored_repr(float(value))
+                value_rows.append(
+                    {"trial_id": trial_id, "objective": 0, "value": stored, "value_type": kind}
+                )
+            if value_rows:
+                session.execute(insert(models.TrialValueModel), value_rows)
+            # The mapped attribute behind Optuna's datetime_complete property: naive UTC, as
+            # its setter stores (a bulk update by primary key takes mapped attributes only).
+            now = datetime.now(UTC).replace(tzinfo=None)
+            session.execute(  # one executemany, by primary key
+                update(trials),
+                [
+                    {"trial_id": t.trial_id, "state": t.state, "_datetime_complete_utc": now}
+                    for t in todo
+                ],
+            )
+    return [
+        states[t.trial_id] == TrialState.RUNNING
+        or states[t.trial_id] in (TrialState.COMPLETE, TrialState.PRUNED)
+        for t in tells
+    ]
+
+
+def _last_intermediate_values(session: Any, pruned: Sequence[Tell]) -> dict[int, float | None]:
+    """The value Optuna's tell gives a PRUNED trial: its last step's intermediate value, if it
+    has one that is not NaN."""
+    if not pruned:
+        return {}
+    model = models.TrialIntermediateValueModel
+    last: dict[int, tuple[int, float]] = {}
+    rows = session.query(
+        model.trial_id, model.step, model.intermediate_value, model.intermediate_value_type
+    ).filter(model.trial_id.in_([t.trial_id for t in pruned]))
+    for trial_id, step, stored, kind in rows:
+        if trial_id not in last or step > last[trial_id][0]:
+            last[trial_id] = (step, model.stored_repr_to_intermediate_value(stored, kind))
+    out: dict[int, float | None] = {t.trial_id: None for t in pruned}
+    for trial_id, (_, value) in last.items():
+        out[trial_id] = None if math.isnan(value) else value
+    return out
+
+
+def _tell_one(study: optuna.Study, t: Tell) -> bool:
+    """``tell_trials`` for one trial through Optuna's public API (storages other than RDB)."""
+    storage = study._storage
+    try:
+        for key, value in t.user_attrs.items():
+            storage.set_trial_user_attr(t.trial_id, key, value)
+        if t.state == TrialState.COMPLETE:
+            _tell_with_warning(study, t.trial_id, t.value)
+        else:
+            _tell_with_warning(study, t.trial_id, state=t.state)
+    except (UpdateFinishedTrialError, ValueError):
+        state = storage.get_trial(t.trial_id).state
+        if not state.is_finished():
+            raise
+        return state != TrialState.FAIL
+    return True
 
 
 class _AlreadyFinished(Exception):

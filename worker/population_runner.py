@@ -25,8 +25,8 @@ from worker.trial_runner import (
     ask,
     count_finished_into_job,
     epoch_hook,
-    finish,
     finish_interrupted,
+    finish_trials,
     interruptible,
     prepare,
     release_unasked,
@@ -86,13 +86,8 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
                 for t, _ in members:
                     outcomes[t.number] = finish_interrupted(ctx, t, e)
                 continue
-            may_be_best = True  # until a member is told COMPLETE; the rest are no better
-            for (t, _), r in _best_first(rt.study, zip(members, results, strict=True)):
-                if r.interrupted:
-                    outcomes[t.number] = finish_interrupted(ctx, t, r.interrupted, r)
-                    continue
-                outcomes[t.number] = finish(ctx, t, r, may_be_best=may_be_best)
-                may_be_best = may_be_best and outcomes[t.number].outcome is not Outcome.COMPLETE
+            ordered = _best_first(rt.study, zip(members, results, strict=True))
+            outcomes.update(finish_trials(ctx, [(t, r) for (t, _), r in ordered]))
     if any(o.outcome in _TOLD for o in outcomes.values()):
         count_finished_into_job(ctx)
     return [outcomes[t.number] for t in trials]
@@ -104,10 +99,7 @@ _TOLD = (Outcome.COMPLETE, Outcome.PRUNED, Outcome.DIVERGED)
 def _best_first(
     study: optuna.Study, finished: Iterable[tuple[tuple[optuna.Trial, TrialConfig], TrialResult]]
 ) -> list[tuple[tuple[optuna.Trial, TrialConfig], TrialResult]]:
-    """Members in the order to finish them: the best value first, so only the first COMPLETE
-    one can be the job's new best (told after it, the others are no better than it, whether it
-    was the best or not): at most one model per stack is evaluated on the test split and
-    saved, and one best-value query is made."""
+    """Members in the order ``finish_trials`` wants them: the best value first."""
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
 
     def key(item: tuple[tuple[optuna.Trial, TrialConfig], TrialResult]) -> float:

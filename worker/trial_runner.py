@@ -15,7 +15,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,7 +25,6 @@ from typing import Any, cast
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
 
 from search_spaces.sampling import suggest
@@ -36,12 +35,13 @@ from service.results import MODEL_ARTIFACT_ATTR
 from service.states import JobState
 from service.studies import completed_learning_curves, count_finished_trials, waiting_trial_ids
 from service.trial_attrs import (
+    Tell,
     fail_trial,
     held_params,
     record_heartbeats,
     set_intermediate_values,
-    set_user_attrs,
     start_trial,
+    tell_trials,
 )
 from worker.runtime import JobRuntime
 from worker.training import (
@@ -461,10 +461,7 @@ def _finish_interrupted(
         log.warning("trial %s of job %s: %s; re-queued", number, rt.job_id, reason)
         return _fail(ctx, trial, Outcome.REQUEUED, reason=f"requeued: {reason}", requeue=True)
     if isinstance(exc, optuna.TrialPruned):
-        if result is not None:
-            attrs = _result_attrs(result, target=rt.spec.training.target_accuracy)
-            ctx.retry(lambda: set_user_attrs(rt.study, trial, attrs), f"recording trial {number}")
-        return _tell(ctx, trial, TrialState.PRUNED, Outcome.PRUNED, reason=str(exc))
+        return _tell_settled(ctx, [(trial, _pruned(rt, exc, result))])[number]
     if isinstance(exc, JobCancelled):
         return _fail(ctx, trial, Outcome.CANCELLED, reason=f"cancelled: {exc}")
     if isinstance(exc, WorkerStopping):
@@ -507,21 +504,72 @@ def _abandon(ctx: TrialContext, trial: optuna.Trial, exc: BaseException) -> Tria
     return TrialOutcome(Outcome.ABANDONED, trial.number, reason=reason)
 
 
-def finish(
-    ctx: TrialContext, trial: optuna.Trial, result: TrialResult, *, may_be_best: bool = True
-) -> TrialOutcome:
-    """Record a trained trial's result and tell it.
+@dataclass(frozen=True)
+class Settlement:
+    """What finishing a trained trial records: its final state and value, its attributes."""
 
-    ``may_be_best=False`` skips asking the study whether the trial is its new best: a
-    population finished best first knows that only its first COMPLETE member can be."""
-    return _settled(ctx, trial, lambda: _finish(ctx, trial, result, may_be_best))
+    state: TrialState  # COMPLETE or PRUNED (diverged, or no epoch finished)
+    outcome: Outcome
+    value: float | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
 
 
-def _finish(
-    ctx: TrialContext, trial: optuna.Trial, result: TrialResult, may_be_best: bool = True
-) -> TrialOutcome:
+def finish(ctx: TrialContext, trial: optuna.Trial, result: TrialResult) -> TrialOutcome:
+    """Record a trained trial's result and tell it."""
+    return finish_trials(ctx, [(trial, result)])[trial.number]
+
+
+def finish_trials(
+    ctx: TrialContext, trained: Sequence[tuple[optuna.Trial, TrialResult]]
+) -> dict[int, TrialOutcome]:
+    """Finish trained trials (one, or a population's members), by trial number: each is
+    settled (evaluated, and its weights saved if it is the job's new best), then all are
+    recorded and told in one transaction (``tell_trials``). A member that training stopped
+    for another reason than pruning takes ``finish_interrupted``'s way.
+
+    Give them best first: only the first one settled COMPLETE is checked for a new best (the
+    others are no better than it, whether it was the best or not), so a population evaluates
+    and saves at most one model and queries the best value once. Should that first one turn
+    out lost (failed by the reaper before the tell) the job keeps its previous best model.
+    """
+    outcomes: dict[int, TrialOutcome] = {}
+    settled: list[tuple[optuna.Trial, Settlement]] = []
+    may_be_best = True
+    for trial, result in trained:
+        exc = result.interrupted
+        if exc is not None and not isinstance(exc, optuna.TrialPruned):
+            outcomes[trial.number] = finish_interrupted(ctx, trial, exc, result)
+            continue
+        try:
+            if exc is not None:
+                settlement = _pruned(ctx.rt, exc, result)
+            else:
+                settlement = _settle(ctx, trial, result, may_be_best)
+        except UpdateFinishedTrialError:  # saving the best model found it failed elsewhere
+            outcomes[trial.number] = _lost(ctx, trial)
+            continue
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            outcomes[trial.number] = _abandon(ctx, trial, e)
+            continue
+        may_be_best = may_be_best and settlement.state != TrialState.COMPLETE
+        settled.append((trial, settlement))
+    outcomes.update(_tell_settled(ctx, settled))
+    return outcomes
+
+
+def _pruned(rt: JobRuntime, exc: BaseException, result: TrialResult | None) -> Settlement:
+    """A pruned trial records what it trained (history, epochs, time) like a finished one."""
+    attrs = {} if result is None else _result_attrs(result, target=rt.spec.training.target_accuracy)
+    return Settlement(TrialState.PRUNED, Outcome.PRUNED, attrs=attrs, reason=str(exc))
+
+
+def _settle(
+    ctx: TrialContext, trial: optuna.Trial, result: TrialResult, may_be_best: bool
+) -> Settlement:
     rt, n = ctx.rt, trial.number
-    study = rt.study
     attrs = _result_attrs(result, target=rt.spec.training.target_accuracy)
     if not result.diverged and result.best_val_accuracy is not None:
         # The lectures' overfitting measure: train minus validation accuracy of the kept model,
@@ -532,19 +580,21 @@ def _finish(
     if result.diverged:
         # Diverged: stopped at once, recorded as PRUNED with the reason; only COMPLETE trials are
         # ranked, so it can never be the best trial, and it uses its budget slot like any result.
-        ctx.retry(lambda: set_user_attrs(study, trial, attrs), f"recording trial {n}")
-        return _tell(ctx, trial, TrialState.PRUNED, Outcome.DIVERGED, reason=result.diverged_reason)
+        return Settlement(
+            TrialState.PRUNED, Outcome.DIVERGED, attrs=attrs, reason=result.diverged_reason
+        )
     value = result.best_value
     if value is None:  # no epoch finished (cannot happen with max_epochs >= 1); never ranked
-        return _tell(ctx, trial, TrialState.PRUNED, Outcome.PRUNED, reason="no epoch finished")
-    if may_be_best and ctx.retry(lambda: _is_new_best(study, value), f"best of job {rt.job_id}"):
+        return Settlement(
+            TrialState.PRUNED, Outcome.PRUNED, attrs=attrs, reason="no epoch finished"
+        )
+    if may_be_best and ctx.retry(lambda: _is_new_best(rt.study, value), f"best of job {rt.job_id}"):
         attrs.update(
             ctx.retry(
                 lambda: _save_best(rt, trial, result, ctx.artifact_store), f"saving trial {n}"
             )
         )
-    ctx.retry(lambda: set_user_attrs(study, trial, attrs), f"recording trial {n}")
-    return _tell(ctx, trial, value, Outcome.COMPLETE, value=value)
+    return Settlement(TrialState.COMPLETE, Outcome.COMPLETE, value=value, attrs=attrs)
 
 
 def _result_attrs(result: TrialResult, *, target: float | None = None) -> dict[str, Any]:
@@ -614,29 +664,33 @@ def _fixed_params(rt: JobRuntime) -> dict[str, Any]:
     }
 
 
-def _tell(
-    ctx: TrialContext,
-    trial: optuna.Trial,
-    value_or_state: float | TrialState,
-    outcome: Outcome,
-    *,
-    value: float | None = None,
-    reason: str | None = None,
-) -> TrialOutcome:
+def _tell_settled(
+    ctx: TrialContext, settled: Sequence[tuple[optuna.Trial, Settlement]]
+) -> dict[int, TrialOutcome]:
+    """Record and tell settled trials in one transaction; one that the stale-trial reaper
+    failed first is LOST (its late result dropped), and if the database stays away past
+    ``storage_retry_s`` all are abandoned to the reaper. ``tell_trials`` is safe to repeat
+    after a lost answer, so retrying it never tells a trial twice."""
+    if not settled:
+        return {}
     rt = ctx.rt
-    attempts = 0
-
-    def tell() -> bool:
-        nonlocal attempts
-        attempts += 1
-        return _tell_once(rt.study, trial, value_or_state, retried=attempts > 1)
-
-    told = ctx.retry(tell, f"telling {trial.number}")
-    if not told:
-        return _lost(ctx, trial)
-    if not ctx.defer_job_count:
+    tells = [Tell(t._trial_id, s.state, s.value, s.attrs) for t, s in settled]
+    numbers = ", ".join(str(t.number) for t, _ in settled)
+    try:
+        told = ctx.retry(lambda: tell_trials(rt.study, tells), f"telling trials {numbers}")
+    except Exception as e:
+        if not is_transient(e):
+            raise
+        return {t.number: _abandon(ctx, t, e) for t, _ in settled}
+    outcomes = {
+        t.number: TrialOutcome(s.outcome, t.number, value=s.value, reason=s.reason)
+        if ok
+        else _lost(ctx, t)
+        for (t, s), ok in zip(settled, told, strict=True)
+    }
+    if any(told) and not ctx.defer_job_count:
         count_finished_into_job(ctx)
-    return TrialOutcome(outcome, trial.number, value=value, reason=reason)
+    return outcomes
 
 
 def count_finished_into_job(ctx: TrialContext) -> None:
@@ -648,41 +702,6 @@ def count_finished_into_job(ctx: TrialContext) -> None:
             lambda: ctx.jobs.try_transition(rt.job_id, JobState.SUCCEEDED),
             f"finishing job {rt.job_id}",
         )
-
-
-def _tell_once(
-    study: optuna.Study,
-    trial: optuna.Trial,
-    value_or_state: float | TrialState,
-    *,
-    retried: bool = False,
-) -> bool:
-    """Tell the trial; True if it is now finished by us, False if someone else finished it.
-
-    Safe to repeat after a dropped connection (``retried``): a COMPLETE or PRUNED trial can only
-    have been told by its own worker (the reaper only ever fails trials; a retry is a new
-    trial), so finding our trial finished that way means an earlier attempt went through. A
-    first attempt skips that read: Optuna's tell reads the trial itself and refuses a finished
-    one, which the handlers below sort out."""
-    if retried:
-        frozen = study._storage.get_trial(trial._trial_id)
-        if frozen.state.is_finished():
-            return frozen.state != TrialState.FAIL
-    try:
-        # Study.tell minus its last step, a full read of the told trial that it returns and
-        # we never use (six statements on the RDB storage).
-        if isinstance(value_or_state, TrialState):
-            _tell_with_warning(study, trial, state=value_or_state)
-        else:
-            _tell_with_warning(study, trial, value_or_state)
-    except UpdateFinishedTrialError:
-        return False
-    except ValueError:  # "Cannot tell a FAIL trial": finished elsewhere before our tell
-        frozen = study._storage.get_trial(trial._trial_id)
-        if frozen.state.is_finished():
-            return frozen.state != TrialState.FAIL
-        raise
-    return True
 
 
 def sync_finished(study: optuna.Study, jobs: JobStore, job_id: str) -> Job:

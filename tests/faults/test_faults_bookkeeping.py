@@ -15,10 +15,10 @@ from optuna.trial import TrialState
 from service.config import Settings
 from service.db import JobStore
 from service.states import JobState
-from service.trial_attrs import fail_trial
+from service.trial_attrs import Tell, fail_trial, tell_trials
 from tests.faults._harness import FaultEnv, small_spec
 from worker.loop import Worker
-from worker.trial_runner import _requeue, _tell_once, sync_finished
+from worker.trial_runner import _requeue, sync_finished
 
 GRACE = 1
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
@@ -104,10 +104,11 @@ def test_a_late_tell_is_lost_and_a_repeated_tell_is_not_counted_twice(
     w = _worker(env)
     study, late = _start_trial(w, job.id)
     w.storage.set_trial_state_values(late._trial_id, TrialState.FAIL)  # the reaper was first
-    assert _tell_once(study, late, 0.9) is False
+    assert tell_trials(study, [Tell(late._trial_id, TrialState.COMPLETE, 0.9)]) == [False]
     _, ok = _start_trial(w, job.id)
-    assert _tell_once(study, ok, 0.8) is True
-    assert _tell_once(study, ok, 0.8) is True  # a retry after a lost answer: already ours
+    told = Tell(ok._trial_id, TrialState.COMPLETE, 0.8)
+    assert tell_trials(study, [told]) == [True]
+    assert tell_trials(study, [told]) == [True]  # a retry after a lost answer: already ours
     j = sync_finished(study, env.jobs, job.id)
     j = sync_finished(study, env.jobs, job.id)
     assert j.finished == 1

@@ -152,3 +152,29 @@ def test_completed_learning_curves_are_what_the_percentile_pruner_reads(database
     assert curves == expected
     assert len(curves) == 4 and curves[3] == {}
     assert completed_learning_curves(optuna.storages.InMemoryStorage(), 0) is None
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        {"type": "random", "seed": 3},
+        {"type": "random"},
+        {"type": "tpe", "seed": 3},
+        {"type": "tpe"},
+    ],
+)
+def test_the_service_samplers_do_nothing_after_a_trial(sampler: dict[str, object]) -> None:
+    """service.trial_attrs.tell_trials tells a population without Optuna's tell, so without
+    ``sampler.after_trial``: that is right only while every sampler built here does nothing
+    there. A sampler that does (GridSampler, TPE with constraints) must be told through it."""
+    s = make_sampler(JobSpec.model_validate(random_spec(sampler=sampler)))
+    after_trial = type(s).after_trial
+    assert after_trial in (
+        optuna.samplers.BaseSampler.after_trial,
+        optuna.samplers.TPESampler.after_trial,
+    )
+    if isinstance(s, optuna.samplers.TPESampler):
+        assert s._constraints_func is None
+        assert type(s._random_sampler).after_trial is optuna.samplers.BaseSampler.after_trial
+    grid = make_sampler(JobSpec.model_validate(grid_spec()))
+    assert type(grid).after_trial is optuna.samplers.BaseSampler.after_trial
