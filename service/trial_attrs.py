@@ -1,12 +1,12 @@
 """Trial writes that must be one transaction: a trial's start (who runs it and every sampled
-parameter), several user attributes at once, a failure together with its reason, and one
-epoch's intermediate values of a whole population.
+parameter), one epoch's intermediate values of a whole population, its members' results with
+their user attributes (``tell_trials``), and a failure together with its reason.
 
 Optuna's public API commits each ``set_user_attr`` separately; a finished trial records about a
 dozen attributes, so on SQLite that is a dozen fsync-bound commits per trial. These write
 Optuna's RDB tables directly, a few statements per call whatever the number of values (pinned
 optuna==5.0.0), and fall back to the public API for any other storage. Heartbeats of a whole
-population are one transaction too, and so is telling its trained members (``tell_trials``).
+population are one transaction too.
 """
 
 from __future__ import annotations
@@ -136,19 +136,6 @@ def start_trial(
                 for name, value, distribution in new
             ],
         )
-
-
-def set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-    """Set all ``attrs`` on a running trial atomically; raises UpdateFinishedTrialError like Optuna."""
-    storage = study._storage
-    backend = rdb_backend(storage)
-    if backend is None:
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return
-    with _create_scoped_session(backend.scoped_session, True) as session:
-        _lock_running(session, [trial._trial_id])
-        _upsert_attrs(session, backend, models.TrialUserAttributeModel, trial._trial_id, attrs)
 
 
 def record_heartbeats(storage: optuna.storages.BaseStorage, trial_ids: Sequence[int]) -> None:
@@ -300,7 +287,7 @@ class Tell:
 
 def tell_trials(study: optuna.Study, tells: Sequence[Tell]) -> list[bool]:
     """Record and tell several trials in one transaction: each one's user attributes, state and
-    value, what ``set_user_attrs`` and ``Study.tell`` write, for a population's members at once.
+    value, what ``Trial.set_user_attr`` and ``Study.tell`` write, for a population's members at once.
 
     Returns, per trial, whether it is now finished by us: told by this call, or found COMPLETE
     or PRUNED, which only its own worker can have done (by an earlier call whose answer was

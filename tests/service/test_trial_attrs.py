@@ -20,7 +20,6 @@ from service.trial_attrs import (
     held_params,
     record_heartbeats,
     set_intermediate_values,
-    set_user_attrs,
     start_trial,
     tell_trials,
 )
@@ -70,24 +69,6 @@ def test_reports_are_all_or_nothing_when_a_trial_is_finished(
         set_intermediate_values(study, [(a, 1, 0.5), (b, 1, 0.5)])
     assert study._storage.get_trial(a._trial_id).intermediate_values == {}
     assert a._get_latest_trial().intermediate_values == {}
-
-
-def test_user_attrs_are_one_commit_an_upsert_and_refused_once_finished(
-    study_and_commits: tuple[optuna.Study, list[int]],
-) -> None:
-    study, commits = study_and_commits
-    trial = study.ask()
-    attrs = {"history": [{"epoch": 1, "val_accuracy": 0.5}], "epochs_run": 1, "note": None}
-    commits.clear()
-    set_user_attrs(study, trial, attrs)
-    assert len(commits) == 1
-    set_user_attrs(study, trial, {"epochs_run": 2, "seed": 7})  # a retry overwrites
-    stored = study._storage.get_trial(trial._trial_id).user_attrs
-    assert stored == {**attrs, "epochs_run": 2, "seed": 7}
-    study.tell(trial, 0.5)
-    with pytest.raises(UpdateFinishedTrialError):
-        set_user_attrs(study, trial, {"late": True})
-    assert "late" not in study._storage.get_trial(trial._trial_id).user_attrs
 
 
 def test_a_trial_start_is_one_commit_with_the_values_optuna_would_sample(
@@ -160,13 +141,11 @@ def test_other_storages_fall_back_to_the_public_api() -> None:
     study = optuna.create_study()  # in-memory
     a, b = study.ask(), study.ask()
     set_intermediate_values(study, [(a, 2, 0.25), (b, 2, 0.75)])
-    set_user_attrs(study, a, {"k": [1, 2]})
     with held_params(b) as pending:
         values = _sample(b)
     start_trial(study, b, {"worker": "w"}, pending)
     trials = study.get_trials()
     assert [t.intermediate_values for t in trials] == [{2: 0.25}, {2: 0.75}]
-    assert trials[0].user_attrs == {"k": [1, 2]}
     assert trials[1].params == values and trials[1].system_attrs["worker"] == "w"
 
 
@@ -361,7 +340,7 @@ def test_telling_a_population_is_a_few_statements_whatever_its_size(
         ]
         assert tell_trials(study, tells) == [True] * size
         # begin, lock, last intermediate values, attrs, values, state (one executemany each);
-        # Optuna's tell runs about ten per trial and set_user_attrs one transaction more
+        # Optuna's tell runs about ten per trial, and each set_user_attr one transaction
         assert len(statements) <= 7, statements
 
 
