@@ -70,7 +70,8 @@ class Settings(BaseSettings):
         default=1,
         ge=1,
         description="Worker processes started together by one supervisor (set for its "
-        "children): they share a job's pruner start-up trials instead of each taking them all.",
+        "children): they share a job's pruner start-up trials instead of each taking them all, "
+        "and each takes at most its share of a job's unfinished trials.",
     )
 
     # Limits

@@ -447,8 +447,7 @@ def sibling_share_cap(job: Job, siblings: int = 1) -> int:
     trials lets the second process take as many as the first: 42 left gives 21 and 21. Only the
     tail of a budget is affected: with more trials left than siblings x P it never binds.
     """
-    unfinished = max(1, job.n_trials - job.finished)
-    return max(1, math.ceil(unfinished / max(1, siblings)))
+    return math.ceil(max(1, job.n_trials - job.finished) / siblings)
 
 
 def _requeue_exhausted(study: optuna.Study, trial: FrozenTrial) -> None:

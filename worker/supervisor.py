@@ -85,7 +85,7 @@ def child_env(n: int, torch_threads: int | None, database_url: str | None) -> di
     """The children's environment: each gets ``torch_threads`` intra-op threads, by default its
     equal share of the CPUs (at least one), so together they never oversubscribe the cores.
     ``HPO_WORKER_SIBLINGS`` tells each how many were started together (see
-    ``worker.loop.pruner_startup_cap``). A ``--storage`` URL travels in the environment, not on
+    ``worker.loop.pruner_startup_cap`` and ``sibling_share_cap``). A ``--storage`` URL travels in the environment, not on
     command lines ``ps`` shows."""
     threads = torch_threads or max(1, available_cpus() // n)
     env = {
