@@ -123,7 +123,7 @@ def worker(
         settings,
         once=once,
         max_trials=max_trials,
-        on_ready=lambda: err_console.print(ready, highlight=False),
+        on_ready=lambda: err_console.print(f"{ready}, denormals {w.denormals}", highlight=False),
     )
     w.install_signal_handlers()
     n_trials = w.run()

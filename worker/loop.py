@@ -47,6 +47,7 @@ from service.submission import estimate_parameters
 from worker.population_runner import run_population
 from worker.runtime import JobRuntime, RuntimeCache, warm_up
 from worker.training import EpochMetrics
+from worker.training.numerics import flush_denormals
 from worker.trial_runner import (
     REQUEUE_OF_ATTR,
     TRAINING_GATE,
@@ -81,6 +82,7 @@ class Worker:
     listener: WorkerListener | None = None
     on_ready: Callable[[], None] | None = None  # called once, when the loop starts taking trials
     trials_run: int = 0
+    denormals: str = "unset"  # how run() left denormal floats: "flushed", "kept" (+ " partly")
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -139,6 +141,18 @@ class Worker:
     def run(self) -> int:
         """Run trials until stopped (or, with job_id / once / max_trials, until done). A database
         that goes away is waited for with backoff; the loop never exits because of it."""
+        flush = self.settings.flush_denormals
+        with flush_denormals(flush) as everywhere:  # for this thread and the pool it starts
+            self.denormals = ("flushed" if flush else "kept") + ("" if everywhere else " partly")
+            if not everywhere:
+                log.warning(
+                    "denormal floats are %s on this thread only: torch's intra-op threads "
+                    "started before the worker and keep their mode",
+                    "flushed" if flush else "kept",
+                )
+            return self._run()
+
+    def _run(self) -> int:
         backoff = Backoff(maximum=10.0)
         started = False
         try:

@@ -56,6 +56,9 @@ def test_supervised_children_share_a_job_a_killed_one_is_restarted_sigterm_stops
     log = sup.log_tail(20_000)
     assert f"(pid {victim_pid}) died (signal SIGKILL)" in log, log
     assert log.count("worker ready") == 3, log
+    # each child switched denormal flushing on before torch's thread pool started, so every
+    # one of its intra-op threads flushes (worker.training.numerics)
+    assert log.count("denormals flushed\n") == 3, log
 
     sup.signal(signal.SIGTERM)
     sent = time.monotonic()
