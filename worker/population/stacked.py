@@ -36,9 +36,11 @@ from worker.training import EVAL_BATCH_SIZE, LEAKY_RELU_SLOPE
 
 _SELU_ALPHA = 1.6732632423543772848170429916717  # torch's SELU constants (aten selu = elu(a, s))
 _SELU_SCALE = 1.0507009873554804934193349852946
-# Evaluation holds [P, rows, width] fp32 activations; 64 MiB keeps it cache- and RAM-friendly
-# on CPU and small next to any GPU while still feeding big matmuls.
-_EVAL_BYTES = 64 * 2**20
+# Evaluation holds [P, rows, width] fp32 activations. 16 MiB still feeds big matmuls and stays
+# below glibc's largest mmap threshold (32 MiB), so the chunks are reused from the heap instead
+# of being mapped afresh and page-faulted in every epoch: 64 MiB chunks made evaluation 1.4x
+# slower for P=64 (111 against 78 ms over 1,500 rows of the 784-128-10 MLP).
+_EVAL_BYTES = 16 * 2**20
 
 
 class StackedMLP:
@@ -197,7 +199,10 @@ class StackedMLP:
                 mask, kept = ws.mask[layer], ws.kept[layer]
                 ws.bits[layer].random_(_INT64_MIN, _INT64_MAX, generator=self.generator)
                 torch.le(ws.r16[layer], self.keep_threshold, out=kept)
-                torch.mul(kept, self.scale, out=mask)
+                # bool * float would first convert the mask into a fresh float temporary;
+                # copying its bytes (0 / 1) and scaling in place is 4x faster (P=43: 59 us
+                # against 263 us per layer and step).
+                mask.copy_(kept.view(torch.uint8)).mul_(self.scale)
                 h = torch.mul(a, mask, out=ws.h[layer])
             else:
                 h = a
