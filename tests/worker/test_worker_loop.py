@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from search_spaces import load_preset
@@ -23,7 +24,13 @@ from service.states import JobState
 from service.studies import create_job_study, make_storage
 from service.submission import submit
 from tests.support.specs import grid_spec, random_spec
-from worker.loop import Worker, pruner_startup_cap, sibling_share_cap
+from worker.loop import (
+    PRUNER_WAVES,
+    Worker,
+    pruner_startup_cap,
+    pruner_wave_cap,
+    sibling_share_cap,
+)
 from worker.trial_config import trial_seed
 
 PROBE_S = 0.5  # JobStateProbe: a worker re-reads its job's state at most this often
@@ -321,3 +328,37 @@ def test_processes_started_together_take_equal_shares_of_a_budgets_tail(
     rt = worker.cache.get(job)
     assert sibling_share_cap(job, siblings) == -(-(10 - finished_before) // siblings)
     assert worker._population_size(job, rt) == population
+
+
+@pytest.mark.parametrize(
+    ("pruner", "n_trials", "device", "cap"),
+    [
+        ({"type": "median", "n_startup_trials": 5}, 48, "cpu", 11),  # 43 after start-up: 4 waves
+        ({"type": "percentile", "percentile": 25.0, "n_startup_trials": 5}, 45, "cpu", 10),
+        ({"type": "median", "n_startup_trials": 5}, 6, "cpu", 1),  # one trial after start-up
+        ({"type": "median", "n_startup_trials": 5}, 5, "cpu", 1 << 30),  # nothing to prune
+        ({"type": "median", "n_startup_trials": 5}, 48, "cuda", 1 << 30),  # a GPU stacks all
+        (None, 48, "cpu", 1 << 30),  # no pruner: waves would buy nothing
+    ],
+)
+def test_automatic_populations_on_cpu_come_in_waves_for_a_comparing_pruner(
+    pruner: dict[str, Any] | None, n_trials: int, device: str, cap: int
+) -> None:
+    extra = {} if pruner is None else {"pruner": pruner}
+    spec = JobSpec.model_validate(random_spec(n_trials=n_trials, **extra))
+    rt = SimpleNamespace(spec=spec, device=torch.device(device))
+    job = SimpleNamespace(n_trials=n_trials)
+    assert pruner_wave_cap(job, rt) == cap  # type: ignore[arg-type]
+
+
+def test_the_wave_cap_binds_automatic_populations_only(tmp_path: Path) -> None:
+    spec = random_spec(n_trials=48, pruner={"type": "median", "n_startup_trials": 5})
+    # An explicit --population is the user's choice: the waves do not bind it.
+    for population, expected in ((None, -(-43 // PRUNER_WAVES)), (32, 32)):
+        env = make_env(tmp_path / str(population), population=population)
+        job = env.submit(spec)
+        for _ in range(5):  # the start-up trials are done: the start-up cap is lifted
+            env.study(job).add_trial(optuna.trial.create_trial(value=0.5))
+        worker = env.worker()
+        rt = worker.cache.get(env.jobs.get(job.id))
+        assert worker._population_size(env.jobs.get(job.id), rt) == expected
