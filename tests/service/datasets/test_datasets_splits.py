@@ -168,3 +168,14 @@ def test_invalid_fractions(digits: Dataset, val: float, test: float, field: str)
 def test_invalid_seed(digits: Dataset) -> None:
     with pytest.raises(DatasetError, match="seed"):
         make_splits(digits, validation_split=0.2, test_split=0.1, seed=-1)
+
+
+@pytest.mark.parametrize("n_rows", [1, 511, 512, 513, 7000])
+def test_blockwise_column_std_equals_numpys(n_rows: int) -> None:
+    from service.datasets.splits import _column_std
+
+    X = np.random.default_rng(n_rows).normal(3.0, 2.0, size=(n_rows, 37)).astype(np.float32)
+    mean = X.mean(axis=0, dtype=np.float64)
+    expected = X.std(axis=0, dtype=np.float64)
+    np.testing.assert_allclose(_column_std(X, mean), expected, rtol=1e-12, atol=1e-12)
+    assert (_column_std(X, mean).astype(np.float32) == expected.astype(np.float32)).mean() > 0.99
