@@ -34,6 +34,7 @@ from service import defaults
 from service.config import Settings
 from service.db import Job, JobStore, create_schema, make_engine
 from service.db.retry import Backoff, describe, is_transient
+from service.db.watch import CommitWatch
 from service.errors import HPOError, NotFoundError
 from service.states import JobState
 from service.studies import (
@@ -155,6 +156,7 @@ class Worker:
     def _run(self) -> int:
         backoff = Backoff(maximum=10.0)
         started = False
+        watch: CommitWatch | None = None
         try:
             while not self._stop.is_set():
                 try:
@@ -171,13 +173,17 @@ class Worker:
                         break
                     if self.job_id is not None and self._own_job_done():
                         break
+                    if watch is None and self.engine.dialect.name == "sqlite":
+                        watch = CommitWatch(self.engine)  # a connection of this thread's own
+                    if watch is not None:
+                        watch.changed()  # what the query below sees; later commits wake us
                     ran = self._run_one()
                     backoff.reset()
                     if ran:
                         continue
                     if self.once and self.job_id is None:
                         break
-                    self._stop.wait(self.settings.poll_interval_s)
+                    self._idle_wait(watch)
                 except NotFoundError as e:
                     if self.job_id is not None:
                         log.warning("job %s no longer exists; stopping", self.job_id)
@@ -197,11 +203,28 @@ class Worker:
                         )
                     self._stop.wait(delay)
         finally:
+            if watch is not None:
+                watch.close()
             log.info("worker loop ended after %d trials", self.trials_run)
             self._stop_reaper()
             if self._deadline_armed:  # a late SIGALRM at interpreter exit would kill us (rc -14)
                 signal.setitimer(signal.ITIMER_REAL, 0)
         return self.trials_run
+
+    def _idle_wait(self, watch: CommitWatch | None) -> None:
+        """Until the poll interval passes, the worker is stopped, or (SQLite) someone commits.
+
+        A submitted job used to wait for the next poll (0.125 s on average, 0.25 s at most);
+        with the watch an idle worker looks within ``WATCH_TICK_S``, and its query for runnable
+        jobs still runs only after a commit or once per poll interval.
+        """
+        if watch is None:
+            self._stop.wait(self.settings.poll_interval_s)
+            return
+        deadline = time.monotonic() + self.settings.poll_interval_s
+        while not self._stop.wait(min(WATCH_TICK_S, max(0.0, deadline - time.monotonic()))):
+            if watch.changed() or time.monotonic() >= deadline:
+                return
 
     def _own_job_done(self) -> bool:
         assert self.job_id is not None
@@ -451,6 +474,10 @@ def pruner_startup_cap(rt: JobRuntime, siblings: int = 1) -> int:
     free = missing - states[TrialState.RUNNING]
     return max(1, min(free, math.ceil(missing / siblings)))
 
+
+# How often an idle worker on SQLite checks whether the database changed (CommitWatch): a
+# PRAGMA on a held connection, microseconds each.
+WATCH_TICK_S = 0.01
 
 # A job pruned against its finished trials runs the trials after its pruner's start-up ones in
 # at least this many populations (automatic P on CPU; see pruner_wave_cap).

@@ -362,3 +362,30 @@ def test_the_wave_cap_binds_automatic_populations_only(tmp_path: Path) -> None:
         worker = env.worker()
         rt = worker.cache.get(env.jobs.get(job.id))
         assert worker._population_size(env.jobs.get(job.id), rt) == expected
+
+
+def test_an_idle_worker_on_sqlite_takes_a_submitted_job_without_waiting_for_its_poll(
+    tmp_path: Path,
+) -> None:
+    """The poll interval is 60 s here: only the database's commit can wake the worker."""
+    import threading
+
+    env = make_env(tmp_path, poll_interval_s=60.0, population=1)
+    ready = threading.Event()
+    worker = env.worker(on_ready=ready.set)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(60)
+        time.sleep(0.3)  # idle: it has looked for work and found none
+        submitted = time.monotonic()
+        job = env.submit(random_spec(n_trials=1, training={"max_epochs": 1}))
+        while env.jobs.get(job.id).state != "succeeded":
+            assert time.monotonic() - submitted < 30, env.jobs.get(job.id).state
+            time.sleep(0.05)
+        # done well before the 60 s poll would have looked (seconds at most on a busy CI)
+        assert [t.state for t in env.study(job).trials] == [TrialState.COMPLETE]
+    finally:
+        worker.stop()
+        thread.join(60)
+    assert not thread.is_alive()
