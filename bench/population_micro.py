@@ -11,6 +11,7 @@ Synthetic MNIST-like data (7,000 x 784 training rows, 1,000 validation rows, 10 
 
     python bench/population_micro.py                 # sizes 1 2 4 8 16 32 64
     python bench/population_micro.py --sizes 16 32 --repeats 3 --threads 2
+    python bench/population_micro.py --denormals keep   # IEEE denormals (workers flush them)
 
 Each figure is the best of ``--repeats`` rounds, and a round runs everything once (matmul,
 sequential, each P), so on a shared machine every run gets several chances at a quiet
@@ -108,7 +109,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    parser.add_argument(
+        "--denormals",
+        choices=["flush", "keep"],
+        default="flush",
+        help="flush denormal floats to zero, as workers do (HPO_FLUSH_DENORMALS), or keep them",
+    )
     args = parser.parse_args()
+    # Before the first torch op, so torch's intra-op threads start in this mode too.
+    torch.set_flush_denormal(args.denormals == "flush")
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
@@ -135,7 +144,7 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{N_FEATURES}-{'-'.join(map(str, HIDDEN))}-{N_CLASSES} MLP ({n_params():,} params), "
         f"{N_TRAIN} train / {N_VAL} val rows, batch {BATCH}, {EPOCHS} epochs, adam; "
-        f"{args.clock} clock, best of {args.repeats}"
+        f"{args.clock} clock, best of {args.repeats}, denormals {args.denormals}"
     )
     print(f"matmul peak (fp32 torch.mm): {peak:.1f} GFLOP/s")
     print(f"sequential train_trial: {seq:.2f} s per trial")
