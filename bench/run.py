@@ -400,7 +400,7 @@ def run_service(
                 state = c.get(f"/jobs/{job['id']}").json()["state"]
                 if state in ("succeeded", "failed", "cancelled"):
                     break
-                time.sleep(0.05)
+                time.sleep(0.2)
             wall = time.perf_counter() - start
             if state != "succeeded":
                 raise RuntimeError(f"service job ended {state}")
