@@ -8,7 +8,9 @@ targets a stack of ``L3 bytes / (4 * CPU_COPIES)`` parameters, within [``CPU_MIN
 784-128-10 MLP, batch 128, Adam, 2 threads, best of 8 interleaved rounds): % of the fp32
 matmul peak was sequential 49-55, P=2 79, P=4 78-88, P=8 83, P=16 75, P=32 70, P=64 67;
 the rule gives P=8 there. For a 64-32-10 MLP (1 thread, CPU time) P=64 was best, 16 and 128
-slower, hence ``CPU_MAX``.
+slower, hence ``CPU_MAX``. The worker caps this further for jobs whose pruner compares trials
+(``worker.loop.pruner_wave_cap``): with denormals flushed, cost per model-epoch barely depends on
+P from 8 up, and smaller populations let later ones be pruned against earlier ones.
 
 CUDA: a GPU needs far more parallel work than one MLP of this service offers, so P is as
 large as memory allows, up to ``CUDA_MAX`` (per-member bookkeeping per epoch, a few Python
