@@ -2,7 +2,9 @@
 
 Each member is asked, claimed, prepared, reported, pruned and told exactly like a sequential
 trial (``worker.trial_runner.run_trial``); only the training in between is batched
-(``worker.population.train_population``). A single fp32 trial never comes here (the worker
+(``worker.population.train_population``). Members that leave a stack while it trains on
+(pruned, stopped early, diverged) are told then, best first among those leaving together; the
+rest when the stack ends. A single fp32 trial never comes here (the worker
 uses ``run_trial``); a job with ``training.precision`` bf16 or tf32 always does, since only the
 population trainer implements those.
 """
@@ -31,6 +33,7 @@ from worker.trial_runner import (
     prepare,
     release_unasked,
     report_epochs,
+    uninterruptible,
 )
 
 
@@ -51,6 +54,12 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
         if not trials:
             raise
     outcomes: dict[int, TrialOutcome] = {}
+
+    def tell(finished: list[tuple[tuple[optuna.Trial, TrialConfig], TrialResult]]) -> None:
+        """Finish trained members, best first (see _best_first), and keep their outcomes."""
+        ordered = _best_first(rt.study, finished)
+        outcomes.update(finish_trials(ctx, [(t, r) for (t, _), r in ordered]))
+
     with Heartbeat(rt.study._storage, [t._trial_id for t in trials]):
         prepared: list[tuple[optuna.Trial, TrialConfig]] = []
         for t in trials:
@@ -72,6 +81,16 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
             ) -> None:
                 report_epochs(ctx, [(members[i][0], m) for i, m in batch])
 
+            def on_finish(
+                batch: list[tuple[int, TrialResult]],
+                members: list[tuple[optuna.Trial, TrialConfig]] = members,
+            ) -> None:
+                # Members leaving while the stack trains on (pruned, stopped early) are told
+                # now: the dashboard shows them finished, and a worker killed later in the
+                # stack loses only the members still training.
+                with uninterruptible():
+                    tell([(members[i], r) for i, r in batch])
+
             try:
                 with interruptible():
                     results = train_population(
@@ -81,13 +100,20 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
                         on_epoch=on_epoch,
                         autocast=None if precision == "fp32" else precision,
                         on_epochs=on_epochs,
+                        on_finish=on_finish,
                     )
             except Exception as e:  # the whole group ended (stop grace over, out of memory, ...)
                 for t, _ in members:
-                    outcomes[t.number] = finish_interrupted(ctx, t, e)
+                    if t.number not in outcomes:  # not told when it left the stack
+                        outcomes[t.number] = finish_interrupted(ctx, t, e)
                 continue
-            ordered = _best_first(rt.study, zip(members, results, strict=True))
-            outcomes.update(finish_trials(ctx, [(t, r) for (t, _), r in ordered]))
+            tell(
+                [
+                    (m, r)
+                    for m, r in zip(members, results, strict=True)
+                    if m[0].number not in outcomes
+                ]
+            )
     if any(o.outcome in _TOLD for o in outcomes.values()):
         count_finished_into_job(ctx)
     return [outcomes[t.number] for t in trials]

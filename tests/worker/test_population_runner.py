@@ -90,3 +90,45 @@ def test_only_the_populations_best_member_saves_a_model(
     assert saved == [study.best_trial.number]
     assert "test_accuracy" in study.best_trial.user_attrs
     assert all("test_accuracy" not in t.user_attrs for t in study.trials if t.number not in saved)
+
+
+def test_a_pruned_member_is_told_while_its_population_trains_on(tmp_path: Path) -> None:
+    """Pruned members are recorded when they leave the stack, not when the stack ends."""
+    settings = Settings(data_root=tmp_path, population=4, heartbeat_interval_s=60)
+    engine = make_engine(settings.resolved_database_url)
+    create_schema(engine)
+    jobs = JobStore(engine)
+    storage = make_storage(settings.resolved_database_url, settings)
+    spec = JobSpec.model_validate(
+        random_spec(
+            n_trials=12,
+            training={"max_epochs": 6, "early_stopping": None},
+            pruner={"type": "median", "n_startup_trials": 4, "n_warmup_steps": 0},
+        )
+    )
+    job = submit(spec, settings=settings, jobs=jobs, storage=storage)[0]
+    study = optuna.load_study(study_name=job.study_name, storage=storage)
+    pruned_while_training: list[tuple[int, int]] = []  # (pruned trial, a stack-mate training on)
+
+    class Listener:
+        def epoch_done(self, job_: Any, number: int, metrics: Any) -> None:
+            pruned = {t.number for t in study.get_trials(states=(TrialState.PRUNED,))}
+            stack_mates = {p for p in pruned if p // 4 == number // 4 and p != number}
+            pruned_while_training.extend((p, number) for p in stack_mates)
+
+        def trial_done(self, job_: Any, outcome: Any) -> None:
+            pass
+
+    assert Worker(settings, once=True, listener=Listener()).run() == 12
+    pruned = {t.number for t in study.get_trials(states=(TrialState.PRUNED,))}
+    # Stacks: trials 0-3 (the pruner's start-up trials), then 4-7 and 8-11, pruned against the
+    # finished ones; some members of the last two were pruned, each told while a stack-mate
+    # still trained (before, they stayed RUNNING until their stack ended).
+    assert pruned and pruned <= set(range(4, 12))
+    # Pruned before the last epoch, so their stack-mates that were not pruned trained on.
+    early = {
+        t.number for t in study.trials if t.number in pruned and len(t.intermediate_values) < 6
+    }
+    assert early, {t.number: len(t.intermediate_values) for t in study.trials}
+    assert early <= {p for p, _ in pruned_while_training}
+    assert jobs.get(job.id).finished == 12

@@ -75,6 +75,8 @@ POPULATION_KEY_FIELDS: tuple[str, ...] = (
 )
 
 OnEpoch = Callable[[int, EpochMetrics], None]
+# Called with (index, result) of the members that leave the stack while others still train.
+OnFinish = Callable[[list[tuple[int, TrialResult]]], None]
 # Called once per epoch, before the members' on_epoch calls, with every (index, metrics)
 # about to be passed to on_epoch: lets the caller write them all in one go.
 OnEpochs = Callable[[list[tuple[int, EpochMetrics]]], None]
@@ -98,6 +100,7 @@ def train_population(
     on_epoch: OnEpoch | None = None,
     autocast: str | None = None,
     on_epochs: OnEpochs | None = None,
+    on_finish: OnFinish | None = None,
 ) -> list[TrialResult]:
     """Train every config as ``train_trial`` would; results in the order of ``configs``.
 
@@ -116,6 +119,12 @@ def train_population(
     ``on_epochs(batch)``: called once per epoch of a population (not for a lone fp32 member,
     which runs the sequential code), before the members' ``on_epoch`` calls, with every
     ``(i, metrics)`` that on_epoch is about to get; an exception from it ends the population.
+
+    ``on_finish(batch)``: called at the end of an epoch with ``(i, result)`` of every member
+    that leaves the stack then (pruned, stopped early, diverged, interrupted) while others go
+    on training, so the caller can record them without waiting for the whole stack; members
+    that leave with the last ones only come back in the returned list, which holds every
+    member's result either way. An exception from it ends the population.
     """
     configs = list(configs)
     if not configs:
@@ -140,6 +149,7 @@ def train_population(
             on_epoch,
             torch.bfloat16 if autocast == "bf16" else None,
             on_epochs,
+            on_finish,
         )
         for i, result in zip(order, population.run(), strict=True):
             results[i] = result
@@ -254,12 +264,14 @@ class _Population:
         on_epoch: OnEpoch | None,
         matmul_dtype: torch.dtype | None,
         on_epochs: OnEpochs | None = None,
+        on_finish: OnFinish | None = None,
     ) -> None:
         started = time.perf_counter()
         self.data = data
         self.device = device
         self.on_epoch = on_epoch
         self.on_epochs = on_epochs
+        self.on_finish = on_finish
         first = configs[0]
         self.max_epochs = first.max_epochs
         n_train, batch_size = int(data.y_train.shape[0]), first.batch_size
@@ -312,23 +324,28 @@ class _Population:
                 for pos in leaving:
                     self._finish(pos, active[pos])
                 kept = [pos for pos in range(len(active)) if pos not in set(leaving)]
+                if kept and self.on_finish is not None:
+                    self.on_finish(
+                        [(active[pos].index, self._result(active[pos])) for pos in leaving]
+                    )
                 active = [active[pos] for pos in kept]
                 if active:
                     self.stack.select(kept)
                     self.optimizer.select(torch.tensor(kept, dtype=torch.int64))
-        return [
-            _result(
-                m.config,
-                m.history,
-                m.best,
-                stopped_early=m.stopped_early,
-                diverged_reason=m.diverged_reason,
-                interrupted=m.interrupted,
-                duration_s=m.duration_s,
-                model=m.model,
-            )
-            for m in self.members
-        ]
+        return [self._result(m) for m in self.members]
+
+    @staticmethod
+    def _result(m: _Member) -> TrialResult:
+        return _result(
+            m.config,
+            m.history,
+            m.best,
+            stopped_early=m.stopped_early,
+            diverged_reason=m.diverged_reason,
+            interrupted=m.interrupted,
+            duration_s=m.duration_s,
+            model=m.model,
+        )
 
     def _epoch(self, epoch: int, active: list[_Member]) -> list[int]:
         """Train, validate and report one epoch; the stack positions of members that leave."""

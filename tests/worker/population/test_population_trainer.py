@@ -215,7 +215,20 @@ def test_a_member_whose_callback_raises_leaves_the_stack(
         assert all(m.epoch == batch[0][1].epoch for _, m in batch)  # one epoch at a time
         batches.append([(i, m.epoch) for i, m in batch])
 
-    results = train_population(configs, small_digits, on_epoch=on_epoch, on_epochs=on_epochs)
+    finished: list[tuple[int, TrialResult, int]] = []  # (index, result, epochs reported by then)
+
+    def on_finish(batch: list[tuple[int, TrialResult]]) -> None:
+        finished.extend((i, r, len(calls)) for i, r in batch)
+
+    results = train_population(
+        configs, small_digits, on_epoch=on_epoch, on_epochs=on_epochs, on_finish=on_finish
+    )
+    # The member that left was handed over as it left (after epoch 2's reports), with the
+    # result that comes back at the end; the two that end the population are not.
+    [(index, early, reported)] = finished
+    assert index == 1 and early.interrupted is error and early.epochs_run == 2
+    assert reported == 6 and early.history == results[1].history
+    assert early.model is results[1].model
     # on_epochs saw, once per epoch and before them, exactly the calls on_epoch then got
     assert [call for batch in batches for call in batch] == calls
     assert [len(batch) for batch in batches] == [3, 3, 2, 2, 2]
