@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         default=True,
         description="Flush denormal floats (below 1.2e-38) to zero while training on CPU: "
         "x86 computes with them through a slow assist (measured: the benchmark's population "
-        "run 20% faster). false keeps IEEE denormals.",
+        "run took 20% less time). false keeps IEEE denormals.",
     )
     worker_processes: str = Field(
         default="1",

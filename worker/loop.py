@@ -48,7 +48,7 @@ from service.submission import estimate_parameters
 from worker.population_runner import run_population
 from worker.runtime import JobRuntime, RuntimeCache, warm_up
 from worker.training import EpochMetrics
-from worker.training.numerics import flush_denormals
+from worker.training.numerics import denormals_flushed, flush_denormals
 from worker.trial_runner import (
     REQUEUE_OF_ATTR,
     TRAINING_GATE,
@@ -83,7 +83,7 @@ class Worker:
     listener: WorkerListener | None = None
     on_ready: Callable[[], None] | None = None  # called once, when the loop starts taking trials
     trials_run: int = 0
-    denormals: str = "unset"  # how run() left denormal floats: "flushed", "kept" (+ " partly")
+    denormals: str = "unset"  # how run() left denormal floats: "flushed", "kept", "... partly"
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -144,8 +144,11 @@ class Worker:
         that goes away is waited for with backoff; the loop never exits because of it."""
         flush = self.settings.flush_denormals
         with flush_denormals(flush) as everywhere:  # for this thread and the pool it starts
-            self.denormals = ("flushed" if flush else "kept") + ("" if everywhere else " partly")
-            if not everywhere:
+            self.denormals = "flushed" if flush else "kept"
+            if not everywhere and flush and not denormals_flushed():
+                self.denormals = "kept (this CPU cannot flush them)"
+            elif not everywhere:
+                self.denormals += " partly"
                 log.warning(
                     "denormal floats are %s on this thread only: torch's intra-op threads "
                     "started before the worker and keep their mode",
@@ -190,6 +193,9 @@ class Worker:
                         break
                     log.warning("a job vanished while this worker used it: %s", e)
                 except Exception as e:
+                    if watch is not None:  # the database may have gone or been replaced
+                        watch.close()
+                        watch = None
                     if not is_transient(e) and (self.job_id is not None or self.once):
                         raise  # a one-shot run reports its bug instead of retrying forever
                     delay = backoff.next()
@@ -479,8 +485,9 @@ def pruner_startup_cap(rt: JobRuntime, siblings: int = 1) -> int:
 # PRAGMA on a held connection, microseconds each.
 WATCH_TICK_S = 0.01
 
-# A job pruned against its finished trials runs the trials after its pruner's start-up ones in
-# at least this many populations (automatic P on CPU; see pruner_wave_cap).
+# A job pruned against its finished trials gets automatic populations (on CPU) of at most
+# ceil(trials after the pruner's start-up ones / PRUNER_WAVES): about that many waves, fewer
+# for a small budget (see pruner_wave_cap).
 PRUNER_WAVES = 4
 
 
@@ -494,9 +501,10 @@ def pruner_wave_cap(job: Job, rt: JobRuntime) -> int:
     gives each wave the finished waves before it to be compared with. On CPU, with denormals
     flushed, training cost per model-epoch barely depends on P from 8 up (measured on the
     bench's 784-128-10 MLP: P=8 17, P=16 15, P=64 17 ms), so the epochs pruning saves are the
-    bigger gain. Measured on the bench's 48-trial job (5 start-up trials, engine on 2 threads):
-    automatic P=64 trained 236 epochs in 5.35 s; P=12 (4 waves) 182 epochs in 4.88 s with the
-    same best trial; P=16 209 epochs, 5.39 s; P=8 177 epochs, 4.92 s. On CUDA, where a stack's
+    bigger gain. Measured on the bench's 48-trial job (5 start-up trials, engine on 2 threads),
+    with a fixed --population: P=64 trained 236 epochs in 5.35 s; P=12 182 epochs in 4.88 s
+    with the same best trial; P=16 209 epochs, 5.39 s; P=8 177 epochs, 4.92 s. This cap gives
+    11 there (stacks of 5, 11, 11, 11, 10): 180 epochs, 4.85 s. On CUDA, where a stack's
     step time hardly grows with P, P stays as large as memory allows (not measured here: no GPU).
     """
     pruner = rt.spec.pruner

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from sqlalchemy import Engine
@@ -17,26 +18,30 @@ class CommitWatch:
     of a submitted job's time to its first trial. PostgreSQL has no such counter: workers on
     it poll.
 
-    The connection is the caller's thread's own (sqlite3 checks that); ``close`` returns it.
+    Use it from one thread (the worker's loop): the engine lets connections cross threads, the
+    watch does not. ``changed`` raises what the database raises; the caller then closes the
+    watch and makes a new one once the database answers again (a replaced file, an outage).
     """
 
     def __init__(self, engine: Engine) -> None:
         self._conn: Any = engine.raw_connection()
-        self._version = self._read()
+        try:
+            self._version = self._read()
+        except BaseException:
+            self.close()
+            raise
 
     def changed(self) -> bool:
         """True once per change: another connection committed since the previous call."""
-        try:
-            version = self._read()
-        except Exception:
-            return True  # cannot tell: let the caller look (its queries handle the error)
+        version = self._read()
         if version == self._version:
             return False
         self._version = version
         return True
 
     def close(self) -> None:
-        self._conn.close()
+        with contextlib.suppress(Exception):  # a connection to a database that went away
+            self._conn.close()
 
     def _read(self) -> int:
         cur = self._conn.cursor()

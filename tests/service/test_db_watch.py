@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from service.db import create_schema, make_engine
@@ -37,3 +38,16 @@ def test_a_commit_by_another_process_is_seen_once(tmp_path: Path) -> None:
         assert not watch.changed()
     finally:
         watch.close()
+
+
+def test_a_watch_that_cannot_read_raises_instead_of_reporting_changes(tmp_path: Path) -> None:
+    """The worker's loop then drops it, backs off like any database error, and builds a new
+    one; a watch answering "changed" on every failed read would have it query 100 times a
+    second."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'hpo.db'}")
+    create_schema(engine)
+    watch = CommitWatch(engine)
+    watch.close()
+    with pytest.raises(Exception):  # noqa: B017  (whatever the driver raises for a closed one)
+        watch.changed()
+    watch.close()  # closing twice is harmless

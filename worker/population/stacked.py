@@ -36,11 +36,13 @@ from worker.training import EVAL_BATCH_SIZE, LEAKY_RELU_SLOPE
 
 _SELU_ALPHA = 1.6732632423543772848170429916717  # torch's SELU constants (aten selu = elu(a, s))
 _SELU_SCALE = 1.0507009873554804934193349852946
-# Evaluation holds [P, rows, width] fp32 activations. 16 MiB still feeds big matmuls and stays
-# below glibc's largest mmap threshold (32 MiB), so the chunks are reused from the heap instead
-# of being mapped afresh and page-faulted in every epoch: 64 MiB chunks made evaluation 1.4x
-# slower for P=64 (111 against 78 ms over 1,500 rows of the 784-128-10 MLP).
-_EVAL_BYTES = 16 * 2**20
+# Evaluation holds [P, rows, width] fp32 activations. On CPU 16 MiB still feeds big matmuls and
+# stays below glibc's largest mmap threshold (32 MiB), so the chunks are reused from the heap
+# instead of being mapped afresh and page-faulted in every epoch: 64 MiB chunks made evaluation
+# 1.4x slower for P=64 (111 against 78 ms over 1,500 rows of the 784-128-10 MLP). A GPU keeps
+# 64 MiB chunks: fewer, bigger launches (not measured here: no GPU).
+_EVAL_BYTES_CPU = 16 * 2**20
+_EVAL_BYTES_GPU = 64 * 2**20
 
 
 class StackedMLP:
@@ -289,7 +291,8 @@ class StackedMLP:
     def evaluate(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Summed cross-entropy (float64) and correct count (int64) per member, eval mode."""
         P, n = self.n_members, int(y.shape[0])
-        rows = max(1, min(EVAL_BATCH_SIZE, _EVAL_BYTES // (4 * P * max(self.widths))))
+        budget = _EVAL_BYTES_CPU if self.device.type == "cpu" else _EVAL_BYTES_GPU
+        rows = max(1, min(EVAL_BATCH_SIZE, budget // (4 * P * max(self.widths))))
         loss_sum = torch.zeros(P, dtype=torch.float64, device=self.device)
         correct = torch.zeros(P, dtype=torch.int64, device=self.device)
         # Layer 0 for all members as one [rows, F] @ [F, P * width] matmul: X is shared.

@@ -12,8 +12,9 @@ run's batched matmuls took 1.76 s with denormals and 1.00 s flushed, the fused A
 Flushing (the CPU's FTZ and DAZ modes: denormal results and operands read as zero) changes a
 value only where it is below 1.2e-38, which no model here can tell from zero; TensorFlow's
 executor threads run this way by default. The mode is a per-thread CPU register, and torch's
-intra-op threads copy it from the thread that starts them: it must be switched before a
-process's first parallel torch op, which the worker does (``Worker.run``). ``flush_denormals``
+intra-op threads (GNU OpenMP in torch's Linux builds) copy it from the thread that starts them:
+it must be switched before a process's first parallel torch op, which the worker does
+(``Worker.run``). ``flush_denormals``
 reports when it came too late, as in a process that trained before: then only the calling
 thread flushes.
 ``HPO_FLUSH_DENORMALS=false`` keeps IEEE denormals, for bit-for-bit comparisons with code
