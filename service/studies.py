@@ -91,6 +91,20 @@ def count_finished_trials(storage: optuna.storages.BaseStorage, study_id: int) -
     return len(done)
 
 
+def count_trials_by_state(
+    storage: optuna.storages.BaseStorage, study_id: int
+) -> dict[TrialState, int]:
+    """How many trials of the study are in each state (absent: none): one GROUP BY query."""
+    backend = rdb_backend(storage)
+    if backend is not None:
+        sql = "SELECT state, COUNT(*) FROM trials WHERE study_id = :sid GROUP BY state"
+        return {TrialState[str(state)]: int(n) for state, n in _study_rows(backend, sql, study_id)}
+    counts: dict[TrialState, int] = {}
+    for trial in storage.get_all_trials(study_id, deepcopy=False):
+        counts[trial.state] = counts.get(trial.state, 0) + 1
+    return counts
+
+
 def waiting_trial_ids(storage: optuna.storages.BaseStorage, study_id: int) -> list[int]:
     """Ids of the study's WAITING trials (enqueued or re-queued), oldest first: one query.
 

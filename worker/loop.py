@@ -16,7 +16,6 @@ import math
 import signal
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,6 +40,7 @@ from service.studies import (
     JOB_ID_ATTR,
     SPEC_ATTR,
     count_finished_trials,
+    count_trials_by_state,
     make_storage,
     stale_study_names,
 )
@@ -468,16 +468,12 @@ def pruner_startup_cap(rt: JobRuntime, siblings: int = 1) -> int:
     pruner = rt.spec.pruner
     if pruner.type not in ("median", "percentile"):
         return 1 << 30
-    states = Counter(
-        t.state
-        for t in rt.study.get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
-        )
-    )
-    missing = pruner.n_startup_trials - states[TrialState.COMPLETE]
+    # counted in SQL: loading the trials took 8 ms per population at 48 trials
+    states = count_trials_by_state(rt.study._storage, rt.study._study_id)
+    missing = pruner.n_startup_trials - states.get(TrialState.COMPLETE, 0)
     if missing <= 0:
         return 1 << 30
-    free = missing - states[TrialState.RUNNING]
+    free = missing - states.get(TrialState.RUNNING, 0)
     return max(1, min(free, math.ceil(missing / siblings)))
 
 

@@ -30,7 +30,7 @@ from worker.trial_runner import (
     finish_interrupted,
     finish_trials,
     interruptible,
-    prepare,
+    prepare_population,
     release_unasked,
     report_epochs,
     uninterruptible,
@@ -61,12 +61,8 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
         outcomes.update(finish_trials(ctx, [(t, r) for (t, _), r in ordered]))
 
     with Heartbeat(rt.study._storage, [t._trial_id for t in trials]):
-        prepared: list[tuple[optuna.Trial, TrialConfig]] = []
-        for t in trials:
-            try:
-                prepared.append((t, prepare(ctx, t)))
-            except Exception as e:
-                outcomes[t.number] = finish_interrupted(ctx, t, e)
+        prepared, unprepared = prepare_population(ctx, trials)
+        outcomes.update(unprepared)
         for group in group_configs([c for _, c in prepared]):
             ctx.pruning.reset()  # the previous stack's trials are finished: epoch 1 again
             members = [prepared[i] for i in group]

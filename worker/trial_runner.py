@@ -35,12 +35,14 @@ from service.results import MODEL_ARTIFACT_ATTR
 from service.states import JobState
 from service.studies import completed_learning_curves, count_finished_trials, waiting_trial_ids
 from service.trial_attrs import (
+    PendingParam,
     Tell,
     fail_trial,
     held_params,
     record_heartbeats,
     set_intermediate_values,
     start_trial,
+    start_trials,
     tell_trials,
 )
 from worker.runtime import JobRuntime
@@ -327,12 +329,72 @@ def prepare(ctx: TrialContext, trial: optuna.Trial) -> TrialConfig:
     only some of its parameters, and it costs one commit, not one per parameter plus one.
     """
     rt = ctx.rt
-    with held_params(trial) as pending:
-        params = suggest(rt.spec.resolved_space(), trial)
+    pending, params = _sample(rt, trial)
     ctx.retry(
         lambda: start_trial(rt.study, trial, {WORKER_ATTR: worker_identity()}, pending),
         f"claiming trial {trial.number}",
     )
+    return _resolve(rt, trial, params)
+
+
+def prepare_population(
+    ctx: TrialContext, trials: Sequence[optuna.Trial]
+) -> tuple[list[tuple[optuna.Trial, TrialConfig]], dict[int, TrialOutcome]]:
+    """``prepare`` for a population's trials, claimed in one transaction (``start_trials``).
+
+    Returns the prepared trials and the outcomes of those that could not be prepared (each
+    finished as ``prepare``'s caller would finish it). Sampling them all before claiming any
+    draws the same values: the samplers read finished trials only (no constant liar). When a
+    trial cannot be claimed (finished elsewhere meanwhile) the batch writes nothing and each
+    is claimed on its own, so only that one fails.
+    """
+    rt = ctx.rt
+    outcomes: dict[int, TrialOutcome] = {}
+    sampled: list[tuple[optuna.Trial, list[PendingParam], dict[str, Any]]] = []
+    for trial in trials:
+        try:
+            sampled.append((trial, *_sample(rt, trial)))
+        except Exception as e:
+            outcomes[trial.number] = finish_interrupted(ctx, trial, e)
+    attrs = {WORKER_ATTR: worker_identity()}
+    claimed = sampled
+    try:
+        ctx.retry(
+            lambda: start_trials(rt.study, [(t, attrs, pending) for t, pending, _ in sampled]),
+            f"claiming {len(sampled)} trials",
+        )
+    except (UpdateFinishedTrialError, KeyError):
+        claimed = []
+        for trial, pending, params in sampled:
+            try:
+                ctx.retry(
+                    lambda t=trial, p=pending: start_trial(rt.study, t, attrs, p),  # type: ignore[misc]
+                    f"claiming trial {trial.number}",
+                )
+                claimed.append((trial, pending, params))
+            except Exception as e:
+                outcomes[trial.number] = finish_interrupted(ctx, trial, e)
+    except Exception as e:  # the database stayed away, a parameter clashes: none can start
+        for trial, _, _ in sampled:
+            outcomes[trial.number] = finish_interrupted(ctx, trial, e)
+        claimed = []
+    prepared: list[tuple[optuna.Trial, TrialConfig]] = []
+    for trial, _, params in claimed:
+        try:
+            prepared.append((trial, _resolve(rt, trial, params)))
+        except Exception as e:
+            outcomes[trial.number] = finish_interrupted(ctx, trial, e)
+    return prepared, outcomes
+
+
+def _sample(rt: JobRuntime, trial: optuna.Trial) -> tuple[list[PendingParam], dict[str, Any]]:
+    """The trial's parameters, sampled with their storage writes held back (``held_params``)."""
+    with held_params(trial) as pending:
+        params = suggest(rt.spec.resolved_space(), trial)
+    return pending, params
+
+
+def _resolve(rt: JobRuntime, trial: optuna.Trial, params: dict[str, Any]) -> TrialConfig:
     return resolve_config(rt.spec, params, seed=trial_seed(rt.spec, original_number(trial)))
 
 

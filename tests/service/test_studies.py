@@ -4,6 +4,7 @@ enqueueing (exactly one WAITING trial per grid point, also when the study is cre
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -16,6 +17,7 @@ from service.studies import (
     JOB_ID_ATTR,
     SPEC_ATTR,
     completed_learning_curves,
+    count_trials_by_state,
     create_job_study,
     load_job_study,
     make_pruner,
@@ -178,3 +180,28 @@ def test_the_service_samplers_do_nothing_after_a_trial(sampler: dict[str, object
         assert type(s._random_sampler).after_trial is optuna.samplers.BaseSampler.after_trial
     grid = make_sampler(JobSpec.model_validate(grid_spec()))
     assert type(grid).after_trial is optuna.samplers.BaseSampler.after_trial
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "memory"])
+def test_trials_are_counted_by_state_in_one_query(tmp_path: Path, backend: str) -> None:
+    storage: optuna.storages.BaseStorage | None = None
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'hpo.db'}"
+        storage = make_storage(url, Settings(data_root=tmp_path))
+    study = optuna.create_study(storage=storage, direction="maximize")
+    for value in (0.1, 0.2):
+        study.add_trial(optuna.trial.create_trial(value=value))
+    study.add_trial(
+        optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={0: 0.1})
+    )
+    study.enqueue_trial({"x": 1.0})
+    study.ask()  # takes the enqueued trial: RUNNING
+    study.ask()  # a new one: RUNNING
+    study.enqueue_trial({"x": 2.0})  # WAITING
+    counts = count_trials_by_state(study._storage, study._study_id)
+    assert counts == {
+        TrialState.COMPLETE: 2,
+        TrialState.PRUNED: 1,
+        TrialState.RUNNING: 2,
+        TrialState.WAITING: 1,
+    }

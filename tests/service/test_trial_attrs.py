@@ -21,6 +21,7 @@ from service.trial_attrs import (
     record_heartbeats,
     set_intermediate_values,
     start_trial,
+    start_trials,
     tell_trials,
 )
 
@@ -365,3 +366,43 @@ def test_telling_on_other_storages_uses_optunas_tell() -> None:
         (TrialState.FAIL, None),
     ]
     assert trials[0].user_attrs == {"k": 1}
+
+
+def test_a_population_starts_in_one_commit_or_not_at_all(
+    study_and_commits: tuple[optuna.Study, list[int]],
+) -> None:
+    study, commits = study_and_commits
+    statements: list[str] = []
+    backend = rdb_backend(study._storage)
+    assert backend is not None
+    event.listen(
+        backend.engine,
+        "before_cursor_execute",
+        lambda _c, _cur, statement, *_: statements.append(statement),
+    )
+    for size in (2, 9):
+        trials = [study.ask() for _ in range(size)]
+        starts, values = [], []
+        for t in trials:
+            with held_params(t) as pending:
+                values.append(_sample(t))
+            starts.append((t, {"worker": f"host:{t.number}"}, pending))
+        commits.clear()
+        statements.clear()
+        start_trials(study, starts)
+        assert len(commits) == 1
+        assert len(statements) <= 8, statements  # whatever the population's size
+        stored = [study._storage.get_trial(t._trial_id) for t in trials]
+        assert [s.params for s in stored] == values
+        assert [s.system_attrs["worker"] for s in stored] == [f"host:{t.number}" for t in trials]
+    # one member finished meanwhile (the reaper failed it): nothing of the others is written
+    trials = [study.ask() for _ in range(3)]
+    starts = []
+    for t in trials:
+        with held_params(t) as pending:
+            _sample(t)
+        starts.append((t, {"worker": "host:x"}, pending))
+    study.tell(trials[1], state=TrialState.FAIL)
+    with pytest.raises(UpdateFinishedTrialError):
+        start_trials(study, starts)
+    assert all(study._storage.get_trial(t._trial_id).params == {} for t in trials)

@@ -132,3 +132,28 @@ def test_a_pruned_member_is_told_while_its_population_trains_on(tmp_path: Path) 
     assert early, {t.number: len(t.intermediate_values) for t in study.trials}
     assert early <= {p for p, _ in pruned_while_training}
     assert jobs.get(job.id).finished == 12
+
+
+def test_a_member_failed_before_its_claim_fails_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A population is claimed in one transaction; when one member was finished meanwhile
+    (the reaper failed it) the others are claimed one by one and train as usual."""
+    real = trial_runner.start_trials
+    failed: list[int] = []
+
+    def reaper_first(study: optuna.Study, starts: Any) -> None:
+        if not failed:
+            victim = starts[1][0]
+            study._storage.set_trial_state_values(victim._trial_id, TrialState.FAIL)
+            failed.append(victim.number)
+        real(study, starts)
+
+    monkeypatch.setattr(trial_runner, "start_trials", reaper_first)
+    study, _, _ = run_one_population(tmp_path, 3)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[failed[0]].state == TrialState.FAIL
+    assert by_number[failed[0]].params == {}  # nothing of the refused batch was written
+    others = [t for n, t in by_number.items() if n != failed[0] and n < 3]
+    assert [t.state for t in others] == [TrialState.COMPLETE] * 2
+    assert all(t.params and "hpo_worker" in t.system_attrs for t in others)
