@@ -1,5 +1,5 @@
-"""Trial writes that must be one transaction: a trial's start (who runs it and every sampled
-parameter), one epoch's intermediate values of a whole population, its members' results with
+"""Trial writes that must be one transaction: a population's new trials, a trial's start (who
+runs it and every sampled parameter), one epoch's intermediate values of a whole population, its members' results with
 their user attributes (``tell_trials``), and a failure together with its reason.
 
 Optuna's public API commits each ``set_user_attr`` separately; a finished trial records about a
@@ -24,10 +24,11 @@ import optuna
 from optuna import distributions
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.study._tell import _tell_with_warning
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import func, insert, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -73,6 +74,59 @@ def held_params(trial: optuna.Trial) -> Iterator[list[PendingParam]]:
         yield held.pending
     finally:
         trial.storage = held._storage
+
+
+def create_trials(study: optuna.Study, n: int) -> list[int]:
+    """``n`` new RUNNING trials in one transaction (Optuna's ``create_new_trial`` each took its
+    own: 2.5 ms apiece on SQLite, 28 ms for a population of 11); their ids, in number order.
+
+    Numbered as Optuna numbers them (trials of the study before each one) under the same
+    study-row lock, and added to Optuna's trial cache as its ``create_new_trial`` adds one, so
+    ``optuna.Trial(study, id)`` reads nothing back.
+    """
+    storage = study._storage
+    backend = rdb_backend(storage)
+    if backend is None or not isinstance(storage, _CachedStorage) or n < 2:
+        return [storage.create_new_trial(study._study_id) for _ in range(n)]
+    study_id = study._study_id
+    with _create_scoped_session(backend.scoped_session) as session:
+        models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+        now = datetime.now()  # Optuna's datetime_start: local, naive
+        rows = [
+            models.TrialModel(
+                study_id=study_id, number=None, state=TrialState.RUNNING, datetime_start=now
+            )
+            for _ in range(n)
+        ]
+        session.add_all(rows)
+        session.flush()
+        # Optuna numbers a trial by counting the study's trials before it; under the lock no
+        # other trial of the study comes between these, so one count numbers them all.
+        first = rows[0].count_past_trials(session)
+        for i, row in enumerate(rows):
+            row.number = first + i
+        created = [
+            FrozenTrial(
+                number=int(row.number),
+                state=TrialState.RUNNING,
+                value=None,
+                values=None,
+                datetime_start=now,
+                datetime_complete=None,
+                params={},
+                distributions={},
+                user_attrs={},
+                system_attrs={},
+                intermediate_values={},
+                trial_id=int(row.trial_id),
+            )
+            for row in rows
+        ]
+    with storage._lock:  # what _CachedStorage.create_new_trial does with the trial it made
+        if study_id not in storage._studies:
+            storage._studies[study_id] = _StudyInfo()
+        storage._add_trials_to_cache(study_id, created)
+    return [t._trial_id for t in created]
 
 
 def start_trial(

@@ -17,14 +17,13 @@ from dataclasses import replace
 
 import optuna
 
-from service.studies import waiting_trial_ids
 from worker.training import EpochMetrics, TrialConfig, TrialResult
 from worker.trial_runner import (
     Heartbeat,
     Outcome,
     TrialContext,
     TrialOutcome,
-    ask,
+    ask_population,
     count_finished_into_job,
     epoch_hook,
     finish_interrupted,
@@ -44,15 +43,13 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
     rt = ctx.rt
     ctx = replace(ctx, defer_job_count=True)  # counted once, below
     precision = rt.spec.training.precision
-    trials: list[optuna.Trial] = []
     try:
-        waiting = waiting_trial_ids(rt.study._storage, rt.study._study_id)
-        for _ in range(n):
-            trials.append(ask(rt, waiting))
+        trials = ask_population(rt, n)
     except BaseException:
-        release_unasked(ctx, n - len(trials))  # slots of the trials that were never asked
-        if not trials:
-            raise
+        release_unasked(ctx, n)  # slots of the trials that were never asked
+        raise
+    if len(trials) < n:
+        release_unasked(ctx, n - len(trials))
     outcomes: dict[int, TrialOutcome] = {}
 
     def tell(finished: list[tuple[tuple[optuna.Trial, TrialConfig], TrialResult]]) -> None:

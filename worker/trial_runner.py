@@ -37,6 +37,7 @@ from service.studies import completed_learning_curves, count_finished_trials, wa
 from service.trial_attrs import (
     PendingParam,
     Tell,
+    create_trials,
     fail_trial,
     held_params,
     record_heartbeats,
@@ -298,18 +299,45 @@ def ask(rt: JobRuntime, waiting: list[int] | None = None) -> optuna.Trial:
     storage = study._storage
     if waiting is None:
         waiting = waiting_trial_ids(storage, study._study_id)
-    trial_id = None
-    while waiting and trial_id is None:
-        candidate = waiting.pop(0)
-        try:
-            if storage.set_trial_state_values(candidate, state=TrialState.RUNNING):
-                trial_id = candidate
-        except UpdateFinishedTrialError:
-            continue
+    trial_id = _claim_waiting(storage, waiting)
     if trial_id is None:
         trial_id = storage.create_new_trial(study._study_id)
     study._thread_local.cached_all_trials = None  # as Study.ask: a new trial, a fresh view
     return optuna.Trial(study, trial_id)
+
+
+def ask_population(rt: JobRuntime, n: int) -> list[optuna.Trial]:
+    """``ask`` up to n times: WAITING trials first, claimed one by one as ``ask`` claims them,
+    then the new ones created in one transaction (``create_trials``). If creating fails after
+    some WAITING trials were claimed, those are returned (fewer than n: the caller gives back
+    the other budget slots); with none claimed the error propagates."""
+    study = rt.study
+    storage = study._storage
+    waiting = waiting_trial_ids(storage, study._study_id)
+    ids: list[int] = []
+    while len(ids) < n and (claimed := _claim_waiting(storage, waiting)) is not None:
+        ids.append(claimed)
+    try:
+        ids += create_trials(study, n - len(ids))
+    except Exception as e:
+        if not ids:
+            raise
+        log.warning("job %s: new trials could not be created (%s)", rt.job_id, describe(e))
+    study._thread_local.cached_all_trials = None  # as Study.ask: new trials, a fresh view
+    return [optuna.Trial(study, trial_id) for trial_id in ids]
+
+
+def _claim_waiting(storage: optuna.storages.BaseStorage, waiting: list[int]) -> int | None:
+    """The first of ``waiting`` (removed as tried) that this worker turns RUNNING, if any: a
+    trial that another worker claims or finishes first is skipped."""
+    while waiting:
+        candidate = waiting.pop(0)
+        try:
+            if storage.set_trial_state_values(candidate, state=TrialState.RUNNING):
+                return candidate
+        except UpdateFinishedTrialError:
+            continue
+    return None
 
 
 def release_unasked(ctx: TrialContext, n: int = 1) -> None:

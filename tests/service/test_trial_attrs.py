@@ -17,6 +17,7 @@ from service.config import Settings
 from service.studies import make_storage, rdb_backend
 from service.trial_attrs import (
     Tell,
+    create_trials,
     held_params,
     record_heartbeats,
     set_intermediate_values,
@@ -406,3 +407,46 @@ def test_a_population_starts_in_one_commit_or_not_at_all(
     with pytest.raises(UpdateFinishedTrialError):
         start_trials(study, starts)
     assert all(study._storage.get_trial(t._trial_id).params == {} for t in trials)
+
+
+def test_a_populations_new_trials_are_one_commit_numbered_as_optuna_numbers_them(
+    study_and_commits: tuple[optuna.Study, list[int]],
+) -> None:
+    study, commits = study_and_commits
+    assert study.ask().number == 0  # Optuna's own path first
+    commits.clear()
+    ids = create_trials(study, 5)
+    assert len(commits) == 1
+    trials = [optuna.Trial(study, trial_id) for trial_id in ids]
+    assert [t.number for t in trials] == [1, 2, 3, 4, 5]
+    assert study.ask().number == 6  # and Optuna's path goes on from there
+    stored = study.get_trials()
+    assert [t.number for t in stored] == list(range(7))
+    assert all(t.state == TrialState.RUNNING and t.datetime_start for t in stored)
+    trials[2].report(0.5, 1)  # Optuna's own writes work on them (its cache knows them)
+    study.tell(trials[2], 0.5)
+    assert study.get_trials()[3].value == 0.5
+
+
+def test_concurrent_creators_never_share_a_trial_number(database_url: str) -> None:
+    import threading
+
+    name = optuna.create_study(storage=make_storage(database_url)).study_name
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            study = optuna.load_study(study_name=name, storage=make_storage(database_url))
+            for _ in range(5):
+                create_trials(study, 4)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=create) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    study = optuna.load_study(study_name=name, storage=make_storage(database_url))
+    assert sorted(t.number for t in study.trials) == list(range(3 * 5 * 4))
