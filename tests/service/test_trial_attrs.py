@@ -35,6 +35,19 @@ def _sample(trial: optuna.Trial) -> dict[str, object]:
     }
 
 
+def recorded_statements(study: optuna.Study) -> list[str]:
+    """Every SQL statement the study's storage runs from now on (a live list)."""
+    statements: list[str] = []
+    backend = rdb_backend(study._storage)
+    assert backend is not None
+    event.listen(
+        backend.engine,
+        "before_cursor_execute",
+        lambda _c, _cur, statement, *_: statements.append(statement),
+    )
+    return statements
+
+
 @pytest.fixture
 def study_and_commits(database_url: str) -> Iterator[tuple[optuna.Study, list[int]]]:
     """A study on the product's storage (SQLite file, then PostgreSQL) counting its commits."""
@@ -155,14 +168,7 @@ def test_a_trial_start_is_a_few_statements_whatever_the_number_of_parameters(
     study_and_commits: tuple[optuna.Study, list[int]],
 ) -> None:
     study, _ = study_and_commits
-    statements: list[str] = []
-    backend = rdb_backend(study._storage)
-    assert backend is not None
-    event.listen(
-        backend.engine,
-        "before_cursor_execute",
-        lambda _c, _cur, statement, *_: statements.append(statement),
-    )
+    statements = recorded_statements(study)
     for n_params in (1, 12):
         trial = study.ask()
         with held_params(trial) as pending:
@@ -373,14 +379,7 @@ def test_a_population_starts_in_one_commit_or_not_at_all(
     study_and_commits: tuple[optuna.Study, list[int]],
 ) -> None:
     study, commits = study_and_commits
-    statements: list[str] = []
-    backend = rdb_backend(study._storage)
-    assert backend is not None
-    event.listen(
-        backend.engine,
-        "before_cursor_execute",
-        lambda _c, _cur, statement, *_: statements.append(statement),
-    )
+    statements = recorded_statements(study)
     for size in (2, 9):
         trials = [study.ask() for _ in range(size)]
         starts, values = [], []

@@ -39,25 +39,34 @@ def job_count_updates() -> Iterator[list[str]]:
     event.remove(Engine, "before_cursor_execute", record)
 
 
-def run_one_population(
-    root: Path, n_trials: int, seed: int = 0
-) -> tuple[optuna.Study, JobStore, str]:
-    """One worker, P = n_trials, a job of n_trials trials (no pruner): one population."""
-    settings = Settings(data_root=root, population=n_trials, heartbeat_interval_s=60)
+def submit_job(
+    root: Path, population: int, **spec: Any
+) -> tuple[Settings, optuna.Study, JobStore, str]:
+    """A SQLite service in ``root`` for workers with ``population``, and a job submitted to it."""
+    settings = Settings(data_root=root, population=population, heartbeat_interval_s=60)
     engine = make_engine(settings.resolved_database_url)
     create_schema(engine)
     jobs = JobStore(engine)
     storage = make_storage(settings.resolved_database_url, settings)
-    spec = JobSpec.model_validate(
-        random_spec(
-            n_trials=n_trials,
-            training={"max_epochs": 3},
-            sampler={"type": "random", "seed": seed},
-        )
+    job = submit(
+        JobSpec.model_validate(random_spec(**spec)), settings=settings, jobs=jobs, storage=storage
+    )[0]
+    return settings, optuna.load_study(study_name=job.study_name, storage=storage), jobs, job.id
+
+
+def run_one_population(
+    root: Path, n_trials: int, seed: int = 0
+) -> tuple[optuna.Study, JobStore, str]:
+    """One worker, P = n_trials, a job of n_trials trials (no pruner): one population."""
+    settings, study, jobs, job_id = submit_job(
+        root,
+        n_trials,
+        n_trials=n_trials,
+        training={"max_epochs": 3},
+        sampler={"type": "random", "seed": seed},
     )
-    job = submit(spec, settings=settings, jobs=jobs, storage=storage)[0]
     assert Worker(settings, once=True).run() == n_trials
-    return optuna.load_study(study_name=job.study_name, storage=storage), jobs, job.id
+    return study, jobs, job_id
 
 
 def test_a_population_counts_its_trials_into_the_job_once(
@@ -94,20 +103,13 @@ def test_only_the_populations_best_member_saves_a_model(
 
 def test_a_pruned_member_is_told_while_its_population_trains_on(tmp_path: Path) -> None:
     """Pruned members are recorded when they leave the stack, not when the stack ends."""
-    settings = Settings(data_root=tmp_path, population=4, heartbeat_interval_s=60)
-    engine = make_engine(settings.resolved_database_url)
-    create_schema(engine)
-    jobs = JobStore(engine)
-    storage = make_storage(settings.resolved_database_url, settings)
-    spec = JobSpec.model_validate(
-        random_spec(
-            n_trials=12,
-            training={"max_epochs": 6, "early_stopping": None},
-            pruner={"type": "median", "n_startup_trials": 4, "n_warmup_steps": 0},
-        )
+    settings, study, jobs, job_id = submit_job(
+        tmp_path,
+        4,
+        n_trials=12,
+        training={"max_epochs": 6, "early_stopping": None},
+        pruner={"type": "median", "n_startup_trials": 4, "n_warmup_steps": 0},
     )
-    job = submit(spec, settings=settings, jobs=jobs, storage=storage)[0]
-    study = optuna.load_study(study_name=job.study_name, storage=storage)
     pruned_while_training: list[tuple[int, int]] = []  # (pruned trial, a stack-mate training on)
 
     class Listener:
@@ -131,7 +133,7 @@ def test_a_pruned_member_is_told_while_its_population_trains_on(tmp_path: Path) 
     }
     assert early, {t.number: len(t.intermediate_values) for t in study.trials}
     assert early <= {p for p, _ in pruned_while_training}
-    assert jobs.get(job.id).finished == 12
+    assert jobs.get(job_id).finished == 12
 
 
 def test_a_member_failed_before_its_claim_fails_alone(
