@@ -1,6 +1,7 @@
 """Trial writes that must be one transaction: a population's new trials, a trial's start (who
-runs it and every sampled parameter), one epoch's intermediate values of a whole population, its members' results with
-their user attributes (``tell_trials``), and a failure together with its reason.
+runs it and every sampled parameter), one epoch's intermediate values of a whole population,
+its members' results with their user attributes (``tell_trials``), and a failure together
+with its reason.
 
 Optuna's public API commits each ``set_user_attr`` separately; a finished trial records about a
 dozen attributes, so on SQLite that is a dozen fsync-bound commits per trial. These write
@@ -82,7 +83,8 @@ def create_trials(study: optuna.Study, n: int) -> list[int]:
 
     Numbered as Optuna numbers them (trials of the study before each one) under the same
     study-row lock, and added to Optuna's trial cache as its ``create_new_trial`` adds one, so
-    ``optuna.Trial(study, id)`` reads nothing back.
+    the cached storage's own methods know them. (``optuna.Trial(study, id)`` still reads each
+    back: Optuna's cache serves finished trials only.)
     """
     storage = study._storage
     backend = rdb_backend(storage)
@@ -250,13 +252,6 @@ def record_heartbeats(storage: optuna.storages.BaseStorage, trial_ids: Sequence[
                 index_elements=[model.trial_id], set_={"heartbeat": stmt.excluded.heartbeat}
             )
         )
-
-
-def _upsert_attrs(
-    session: Any, backend: Any, model: Any, trial_id: int, attrs: dict[str, Any]
-) -> None:
-    """Write a trial's user or system ``attrs`` (``model``) inside ``session``."""
-    _upsert_many_attrs(session, backend, model, [(trial_id, attrs)])
 
 
 def _upsert_many_attrs(

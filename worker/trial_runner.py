@@ -286,34 +286,27 @@ class TrialContext:
         return call_with_retry(fn, deadline_s=self.storage_retry_s, what=what)
 
 
-def ask(rt: JobRuntime, waiting: list[int] | None = None) -> optuna.Trial:
-    """``Study.ask``: the oldest WAITING trial that this worker manages to claim, else a new one.
+def ask(rt: JobRuntime) -> optuna.Trial:
+    """``Study.ask``: the oldest WAITING trial that this worker manages to claim, else a new one
+    (``ask_population`` for one trial)."""
+    return ask_population(rt, 1)[0]
 
-    ``waiting``: ids from ``waiting_trial_ids`` that a population's asks share (claimed ones are
-    removed); None looks them up. Optuna's own ask finds WAITING trials by reading every
-    unfinished trial, so a population's P asks would read O(P^2) trials (see
-    ``waiting_trial_ids``); this is its code otherwise, claim races included: a trial that
-    another worker claims or finishes first is skipped.
+
+def ask_population(rt: JobRuntime, n: int, waiting: list[int] | None = None) -> list[optuna.Trial]:
+    """``Study.ask`` up to n times: WAITING trials first, oldest first, each claimed on its own
+    (a trial that another worker claims or finishes first is skipped), then the new ones
+    created in one transaction (``create_trials``).
+
+    ``waiting``: ids from ``waiting_trial_ids`` (claimed ones are removed); None looks them up.
+    Optuna's own ask finds WAITING trials by reading every unfinished trial, so P asks would
+    read O(P^2) trials (see ``waiting_trial_ids``). If creating fails after some WAITING trials
+    were claimed, those are returned (fewer than n: the caller gives back the other budget
+    slots); with none claimed the error propagates.
     """
     study = rt.study
     storage = study._storage
     if waiting is None:
         waiting = waiting_trial_ids(storage, study._study_id)
-    trial_id = _claim_waiting(storage, waiting)
-    if trial_id is None:
-        trial_id = storage.create_new_trial(study._study_id)
-    study._thread_local.cached_all_trials = None  # as Study.ask: a new trial, a fresh view
-    return optuna.Trial(study, trial_id)
-
-
-def ask_population(rt: JobRuntime, n: int) -> list[optuna.Trial]:
-    """``ask`` up to n times: WAITING trials first, claimed one by one as ``ask`` claims them,
-    then the new ones created in one transaction (``create_trials``). If creating fails after
-    some WAITING trials were claimed, those are returned (fewer than n: the caller gives back
-    the other budget slots); with none claimed the error propagates."""
-    study = rt.study
-    storage = study._storage
-    waiting = waiting_trial_ids(storage, study._study_id)
     ids: list[int] = []
     while len(ids) < n and (claimed := _claim_waiting(storage, waiting)) is not None:
         ids.append(claimed)

@@ -126,7 +126,7 @@ def test_ask_claims_waiting_trials_oldest_first_and_reads_no_running_trial(
         loaded.append(target.trial_id)
 
     event.listen(models.TrialModel, "load", on_load)
-    claimed = [trial_runner.ask(rt, waiting) for _ in range(3)]
+    claimed = trial_runner.ask_population(rt, 3, waiting)
     assert [t.suggest_float("lr", 0.0, 1.0) for t in claimed[:2]] == [0.2, 0.3]  # enqueued
     assert claimed[2].number == len(running) + 3  # then a new trial
     assert waiting == []
