@@ -70,10 +70,11 @@ def progress(study: optuna.Study) -> tuple[dict[str, int], BestRow | None]:
     A job's detail is polled (``hpo submit --wait``, dashboards, scripts) while its workers
     train; loading every trial with its attributes (each finished one keeps its learning
     curve) grew to ~100 ms of API CPU per poll at 48 trials, taken from the workers on a small
-    machine. On an RDB storage this is three small queries and one trial load; elsewhere it
-    falls back to the full read. Same answers either way (tests/service/test_results.py).
+    machine. On an RDB storage this is three small queries (the state counts from
+    ``service.studies.count_trials_by_state``) and one trial load; elsewhere it falls back to
+    the full read. Same answers either way (tests/service/test_results.py).
     """
-    from service.studies import rdb_backend
+    from service.studies import count_trials_by_state, rdb_backend
 
     storage = study._storage
     backend = rdb_backend(storage)
@@ -88,11 +89,9 @@ def progress(study: optuna.Study) -> tuple[dict[str, int], BestRow | None]:
     t, v, ua = models.TrialModel, models.TrialValueModel, models.TrialUserAttributeModel
     sid = study._study_id
     counts = {state.name.lower(): 0 for state in TrialState}
+    for state, n in count_trials_by_state(storage, sid).items():
+        counts[state.name.lower()] = n
     with backend.engine.connect() as conn:
-        for state, n in conn.execute(
-            select(t.state, func.count()).where(t.study_id == sid).group_by(t.state)
-        ):
-            counts[state.name.lower()] = n  # the column maps to TrialState
         counts["diverged"] = int(
             conn.execute(
                 select(func.count())
