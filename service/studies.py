@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 SPEC_ATTR = "hpo_spec"
 JOB_ID_ATTR = "hpo_job_id"
 GRID_ENQUEUED_ATTR = "hpo_grid_enqueued"
+WORKER_ATTR = "hpo_worker"  # host:pid of the worker running the trial (operators, fault tests)
 
 StaleHook = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -51,7 +52,13 @@ def make_storage(
         def _stale(study: optuna.Study, trial: FrozenTrial) -> None:
             # A copy: Optuna's callback appends to the trial's own retry_history list, and
             # on_stale must see the history as it was (to tell a retried trial from the last).
-            retry(study, copy.deepcopy(trial))
+            copied = copy.deepcopy(trial)
+            # The retry is nobody's until a worker claims it. Optuna copies every system
+            # attribute, so it would show the dead worker's claim while RUNNING, until the new
+            # worker's claim commits (a waiting trial turns RUNNING in one commit, then gets
+            # its worker and parameters in the next).
+            copied.system_attrs.pop(WORKER_ATTR, None)
+            retry(study, copied)
             if on_stale is not None:
                 on_stale(study, trial)
 

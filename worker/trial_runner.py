@@ -33,7 +33,12 @@ from service.db import Job, JobStore
 from service.db.retry import call_with_retry, describe, is_transient
 from service.results import MODEL_ARTIFACT_ATTR
 from service.states import JobState
-from service.studies import completed_learning_curves, count_finished_trials, waiting_trial_ids
+from service.studies import (
+    WORKER_ATTR,
+    completed_learning_curves,
+    count_finished_trials,
+    waiting_trial_ids,
+)
 from service.trial_attrs import (
     PendingParam,
     Tell,
@@ -62,7 +67,6 @@ log = logging.getLogger(__name__)
 
 REQUEUED_FROM_ATTR = "failed_trial"  # same key as Optuna's retry callback: the original number
 REQUEUE_OF_ATTR = "hpo_requeue_of"  # the number of the attempt this WAITING copy replaces
-WORKER_ATTR = "hpo_worker"  # host:pid of the worker running the trial (operators, fault tests)
 
 
 class JobCancelled(Exception):

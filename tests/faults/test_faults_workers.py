@@ -27,6 +27,7 @@ from tests.faults._harness import (
     stop_procs,
     stopped,
     worker_of,
+    worker_pid,
 )
 
 pytestmark = pytest.mark.slow
@@ -196,10 +197,14 @@ def test_sigstop_past_grace_then_sigcont_late_report_is_dropped(
         "the frozen worker's trial to be failed",
     )
     failed_after = time.monotonic() - frozen_at
+    # A retry turns RUNNING in one commit and gets its worker in the next (Optuna's claim of a
+    # waiting trial, then start_trials); it must not carry the frozen worker's claim meanwhile.
     retry = env.wait_trial(
         job,
         lambda t: (
-            t.system_attrs.get("failed_trial") == victim.number and t.state == TrialState.RUNNING
+            t.system_attrs.get("failed_trial") == victim.number
+            and t.state == TrialState.RUNNING
+            and worker_pid(t) is not None
         ),
         60,
         "the retry to be running elsewhere",

@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
+from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
 from search_spaces import load_preset
@@ -21,7 +22,7 @@ from service.config import Settings
 from service.db import Job, JobStore, create_schema, make_engine
 from service.spec import JobSpec
 from service.states import JobState
-from service.studies import create_job_study, make_storage
+from service.studies import WORKER_ATTR, create_job_study, make_storage
 from service.submission import submit
 from tests.support.specs import grid_spec, random_spec
 from worker.loop import (
@@ -276,6 +277,25 @@ def test_a_dead_workers_trial_is_retried_with_the_same_parameters(tmp_path: Path
     assert {k: v for k, v in dead_params.items() if k in retry.params} == retry.params
     # same seed (and data order) as the attempt it replaces
     assert retry.user_attrs["seed"] == trial_seed(spec, dead.number)
+
+
+def test_a_retry_does_not_carry_the_dead_workers_claim(tmp_path: Path) -> None:
+    """Optuna's retry copies the failed trial's system attributes; the dead worker's claim is
+    left out, so the retry shows no worker until one claims it."""
+    env = make_env(tmp_path / "data", heartbeat_interval_s=1, heartbeat_grace_s=2)
+    job = env.submit(random_spec(n_trials=2))
+    hb_storage = make_storage(env.settings.resolved_database_url, env.settings, heartbeat=True)
+    study = optuna.load_study(study_name=job.study_name, storage=hb_storage)
+    dead = study.ask()
+    hb_storage.set_trial_system_attr(dead._trial_id, WORKER_ATTR, "deadhost:1")
+    hb_storage.record_heartbeat(dead._trial_id)
+    time.sleep(3.3)  # stale: older than the 2 s grace in whole seconds (see above)
+    fail_stale_trials(study)
+    assert study.trials[dead.number].state == TrialState.FAIL
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.system_attrs["failed_trial"] == dead.number
+    assert WORKER_ATTR not in retry.system_attrs
+    assert study.trials[dead.number].system_attrs[WORKER_ATTR] == "deadhost:1"
 
 
 @pytest.mark.parametrize(
