@@ -351,18 +351,19 @@ class StackedMLP:
     # -- helpers ---------------------------------------------------------------------------
 
     def _linear(self, h: Tensor, weight: Tensor, bias: Tensor, *, out: Tensor) -> Tensor:
-        if self.matmul_dtype is None:
-            return torch.baddbmm(bias.unsqueeze(1), h, weight, out=out)
-        dt = self.matmul_dtype
-        return torch.add(torch.bmm(h.to(dt), weight.to(dt)), bias.unsqueeze(1), out=out)
+        """``out`` [P, rows, out] = h @ weight + bias."""
+        return self._affine(h, weight, bias.unsqueeze(1), out=out)
 
     def _linear_t(self, h: Tensor, weight: Tensor, bias: Tensor, *, out: Tensor) -> Tensor:
         """``_linear``'s output transposed: ``out`` [P, out, rows] = weight^T h^T + bias."""
-        w_t, h_t = weight.transpose(1, 2), h.transpose(1, 2)
+        return self._affine(weight.transpose(1, 2), h.transpose(1, 2), bias.unsqueeze(2), out=out)
+
+    def _affine(self, a: Tensor, b: Tensor, bias: Tensor, *, out: Tensor) -> Tensor:
+        """``out`` = a @ b + bias (broadcast), the matmul in the matmul dtype if there is one."""
         if self.matmul_dtype is None:
-            return torch.baddbmm(bias.unsqueeze(2), w_t, h_t, out=out)
+            return torch.baddbmm(bias, a, b, out=out)
         dt = self.matmul_dtype
-        return torch.add(torch.bmm(w_t.to(dt), h_t.to(dt)), bias.unsqueeze(2), out=out)
+        return torch.add(torch.bmm(a.to(dt), b.to(dt)), bias, out=out)
 
     def _bmm(self, a: Tensor, b: Tensor, *, out: Tensor) -> Tensor:
         if self.matmul_dtype is None:
