@@ -70,7 +70,10 @@ TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 class WorkerListener(Protocol):
     def epoch_done(self, job: Job, number: int, metrics: EpochMetrics) -> None: ...
-    def trial_done(self, job: Job, outcome: TrialOutcome) -> None: ...
+
+    # Once per batch of trials run together (one for a sequential trial, a whole population
+    # otherwise), after each one's bookkeeping: a listener that reads the study refreshes once.
+    def trials_done(self, job: Job, outcomes: list[TrialOutcome]) -> None: ...
 
 
 @dataclass
@@ -277,6 +280,8 @@ class Worker:
             for outcome in outcomes:
                 self.trials_run += 1
                 self._after_trial(job, outcome)
+            if self.listener and outcomes:
+                self.listener.trials_done(job, outcomes)
             return True
         return False
 
@@ -340,8 +345,6 @@ class Worker:
                 )
         if outcome.outcome is Outcome.CANCELLED:
             self._finish_cancel(job.id)
-        if self.listener:
-            self.listener.trial_done(job, outcome)
 
     # Housekeeping -----------------------------------------------------------------------------
     def _start_reaper(self) -> None:

@@ -118,7 +118,7 @@ def test_a_pruned_member_is_told_while_its_population_trains_on(tmp_path: Path) 
             stack_mates = {p for p in pruned if p // 4 == number // 4 and p != number}
             pruned_while_training.extend((p, number) for p in stack_mates)
 
-        def trial_done(self, job_: Any, outcome: Any) -> None:
+        def trials_done(self, job_: Any, outcomes: Any) -> None:
             pass
 
     assert Worker(settings, once=True, listener=Listener()).run() == 12

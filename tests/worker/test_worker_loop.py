@@ -213,7 +213,7 @@ def test_cancelling_a_running_job_stops_the_worker_between_epochs(env: Env) -> N
                 env.jobs.transition(job.id, JobState.CANCELLING)
                 self.cancelled_at = time.monotonic()
 
-        def trial_done(self, job_: Job, outcome: Any) -> None:
+        def trials_done(self, job_: Job, outcomes: Any) -> None:
             pass
 
     listener = CancelAfterTwoEpochs()
