@@ -29,6 +29,9 @@ WORKER_ATTR = "hpo_worker"  # host:pid of the worker running the trial (operator
 StaleHook = Callable[[optuna.Study, FrozenTrial], None]
 
 
+_SCHEMA_CHECKED: set[str] = set()  # database URLs this process has checked (make_storage)
+
+
 def make_storage(
     url: str,
     settings: Settings | None = None,
@@ -67,7 +70,10 @@ def make_storage(
             grace_period=settings.heartbeat_grace_s,
             heartbeat_stale_trial_callback=_stale,
         )
-    storage = RDBStorage(url, **kwargs)
+    # Optuna's schema check reads its alembic scripts (~17 ms); once per database and process is
+    # enough (``hpo run`` builds two storages on one database: its own and its worker's).
+    storage = RDBStorage(url, skip_compatibility_check=url in _SCHEMA_CHECKED, **kwargs)
+    _SCHEMA_CHECKED.add(url)
     configure_sqlite(storage.engine)
     storage.engine.dispose()  # connections opened before the hooks existed must not be reused
     return storage
