@@ -396,11 +396,14 @@ def run_service(
             t0 = time.time()
             start = time.perf_counter()
             job = c.post("/jobs", json=spec).json()
-            while True:
-                state = c.get(f"/jobs/{job['id']}").json()["state"]
-                if state in ("succeeded", "failed", "cancelled"):
-                    break
-                time.sleep(0.2)
+            # Followed as `hpo submit --wait` follows a job: long polls that the server answers
+            # when the job changes (within ~0.1 s), so the wall ends when the job does and the
+            # client costs the API a request per change, not several a second.
+            r = c.get(f"/jobs/{job['id']}")
+            while (state := r.json()["state"]) not in ("succeeded", "failed", "cancelled"):
+                headers = {"If-None-Match": r.headers["etag"], "Prefer": "wait=10"}
+                while (r := c.get(f"/jobs/{job['id']}", headers=headers)).status_code == 304:
+                    pass
             wall = time.perf_counter() - start
             if state != "succeeded":
                 raise RuntimeError(f"service job ended {state}")

@@ -22,6 +22,7 @@ ServerOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+WAIT_S = 10  # the longest a follow request waits for a change (the server caps it too)
 
 datasets_app = typer.Typer(help="Built-in and uploaded datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
@@ -114,10 +115,14 @@ def submit(
 
 
 def _wait(api: Api, job_id: str, objective: str, *, quiet: bool) -> dict[str, Any]:
+    """Follow the job until it ends. Each request is a long poll (``Prefer: wait``): the server
+    answers when the job changes, so the display moves as trials finish and this returns as
+    soon as the job ends, with one request per change or per wait rather than per second."""
     from hpo.progress import JobProgress
 
     terminal = {"succeeded", "failed", "cancelled"}
-    job = api.json("GET", f"/jobs/{job_id}")
+    r = api.request("GET", f"/jobs/{job_id}")
+    job = r.json()
     with JobProgress(job["n_trials"], objective=objective, console=err_console) as progress:
         while True:
             c = job["trial_counts"]
@@ -131,8 +136,14 @@ def _wait(api: Api, job_id: str, objective: str, *, quiet: bool) -> dict[str, An
             )
             if job["state"] in terminal:
                 return job
-            time.sleep(1.0)
-            job = api.json("GET", f"/jobs/{job_id}")
+            headers = {"Prefer": f"wait={WAIT_S:g}"}
+            if etag := r.headers.get("etag"):
+                headers["If-None-Match"] = etag
+            else:  # a server without long polling answers at once: do not spin
+                time.sleep(1.0)
+            r = api.request("GET", f"/jobs/{job_id}", headers=headers)
+            if r.status_code != 304:
+                job = r.json()
 
 
 def _print_best(api: Api, job: dict[str, Any]) -> None:

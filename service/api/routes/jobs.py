@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import json
 import math
 from datetime import UTC, datetime
@@ -10,7 +12,8 @@ from typing import Annotated, Any
 
 import optuna
 from fastapi import APIRouter, Header, Query, Response, status
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from optuna.trial import TrialState
 
 from search_spaces import FixedParam
@@ -229,8 +232,68 @@ def list_jobs(
     return JobList(items=[_public(j) for j in items], next_cursor=nxt)
 
 
-@router.get("/{job_id}", response_model=JobDetail)
-def get_job(job_id: str, jobs: JobsDep, storage: StorageDep, owner: OwnerDep) -> JobDetail:
+# Long polling (``Prefer: wait=N`` with ``If-None-Match``): the longest wait granted, how often
+# the job's row is looked at meanwhile (one primary-key read), and how often the trial counts
+# are recounted (a trial starting changes them without touching the job's row). The cap also
+# bounds how long a waiting request can hold up the server's graceful shutdown.
+MAX_WAIT_S = 10.0
+_ROW_CHECK_S = 0.1
+_RECOUNT_S = 1.0
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobDetail,
+    responses={304: {"description": "Not modified: the job still matches If-None-Match."}},
+)
+async def get_job(
+    job_id: str,
+    jobs: JobsDep,
+    storage: StorageDep,
+    owner: OwnerDep,
+    if_none_match: Annotated[
+        str | None,
+        Header(description="ETag of a previous answer: 304 while the job still matches it."),
+    ] = None,
+    prefer: Annotated[
+        str | None,
+        Header(
+            description=f"`wait=N` (RFC 7240) with If-None-Match: hold the answer up to N "
+            f"seconds (at most {MAX_WAIT_S:g}) until the job changes, instead of polling."
+        ),
+    ] = None,
+) -> Response:
+    """The job with its trial counts and best trial so far.
+
+    Every answer carries an ETag of its content (all but the clock-driven ``elapsed_s`` and
+    ``eta_s``). A client that follows a job (``hpo submit --wait``) sends the last ETag in
+    If-None-Match with ``Prefer: wait=10``: the server answers as soon as the job changes (a
+    trial finishes, the state moves), or 304 after the wait, so the client learns of the
+    change within ~0.1 s without asking several times a second.
+    """
+    detail = await run_in_threadpool(_job_detail, job_id, jobs, storage, owner)
+    etag = _etag(detail)
+    seen = _etags(if_none_match)
+    wait = _wait_preference(prefer) if seen else 0.0
+    if etag in seen and wait > 0:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        row, recounted = _row_version(await run_in_threadpool(jobs.get, job_id)), loop.time()
+        while etag in seen and loop.time() < deadline:
+            await asyncio.sleep(min(_ROW_CHECK_S, max(0.0, deadline - loop.time())))
+            now_row = _row_version(await run_in_threadpool(jobs.get, job_id))
+            if now_row != row or loop.time() - recounted >= _RECOUNT_S:
+                detail = await run_in_threadpool(_job_detail, job_id, jobs, storage, owner)
+                etag, row, recounted = _etag(detail), now_row, loop.time()
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if wait > 0:
+        headers["Preference-Applied"] = f"wait={wait:g}"
+    if etag in seen:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return JSONResponse(detail.model_dump(mode="json"), headers=headers)
+
+
+def _job_detail(job_id: str, jobs: Any, storage: Any, owner: str | None) -> JobDetail:
     job = jobs.get(job_id, owner=owner)
     study = _study(job, storage)
     counts, top = progress(study)
@@ -256,6 +319,36 @@ def get_job(job_id: str, jobs: JobsDep, storage: StorageDep, owner: OwnerDep) ->
         elapsed_s=elapsed,
         eta_s=eta,
     )
+
+
+def _etag(detail: JobDetail) -> str:
+    content = detail.model_dump_json(exclude={"elapsed_s", "eta_s"})
+    return '"' + hashlib.sha256(content.encode()).hexdigest()[:32] + '"'
+
+
+def _etags(header: str | None) -> set[str]:
+    """The entity tags in an If-None-Match header (weak ones compared by their opaque part)."""
+    if not header:
+        return set()
+    return {t.strip().removeprefix("W/") for t in header.split(",") if t.strip()}
+
+
+def _wait_preference(prefer: str | None) -> float:
+    """Seconds from ``Prefer: wait=N`` (RFC 7240), capped at MAX_WAIT_S; 0 when absent or not
+    understood (an unknown or malformed preference is ignored, as the RFC asks)."""
+    for pref in (prefer or "").split(","):
+        name, _, value = pref.partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                return 0.0
+            return min(seconds, MAX_WAIT_S) if math.isfinite(seconds) and seconds > 0 else 0.0
+    return 0.0
+
+
+def _row_version(job: Job) -> tuple[Any, ...]:
+    return (job.state, job.reserved, job.finished, job.failures, job.updated_at)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
