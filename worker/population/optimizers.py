@@ -25,7 +25,8 @@ member on views into the stacks: one vectorised pass over each tensor instead of
 memory-bound elementwise passes, measured 3x faster per step for P=8 on the 784-128-10 MLP
 (0.18 vs 0.56 ms for adam). A per-member call is cheap on CPU; on CUDA each would be a kernel
 launch, so there the batched ops (a few launches whatever P is) stay. RMSprop has no fused
-kernel and always takes the batched ops.
+kernel of its own; without momentum it is Adam with beta1 = 0 and no bias correction, so on
+CPU it runs ``torch._fused_adam_`` that way (see ``BatchedRMSprop``).
 """
 
 from __future__ import annotations
@@ -275,15 +276,70 @@ class BatchedAdagrad(BatchedOptimizer):
 
 
 class BatchedRMSprop(BatchedOptimizer):
-    """rmsprop: ``torch.optim.RMSprop`` (not centered), per-member momentum (0 allowed)."""
+    """rmsprop: ``torch.optim.RMSprop`` (not centered), per-member momentum (0 allowed).
+
+    Without momentum (the default) RMSprop's step is Adam's with beta1 = 0 and beta2 = alpha
+    once the bias corrections are 1: ``exp_avg`` becomes the gradient, ``exp_avg_sq`` the
+    square average, and the update ``lr * grad / (sqrt(square_avg) + eps)`` (L2 decay coupled
+    into the gradient in both). On CPU such a stack calls ``torch._fused_adam_`` with a step
+    count so large that ``1 - beta ** step`` is exactly 1 in double: one vectorised pass per
+    tensor instead of five elementwise ones (29 against 142 us per step for one member of the
+    784-128-10 MLP, torch.optim.RMSprop 142 us; 50 steps agree with it to 5e-7).
+    """
 
     family = "rmsprop"
     names = ("rmsprop",)
+    # Adam's bias corrections 1 - beta ** step: 0.99 ** 2 ** 100 (and 0 ** it) is 0 in double.
+    # A power of two is exact in the float32 step tensor the kernel reads.
+    _NO_BIAS_CORRECTION_STEP = 2.0**100
+
+    def __init__(
+        self, configs: Sequence[TrialConfig], params: Sequence[Tensor], *, fused: bool | None = None
+    ) -> None:
+        super().__init__(configs, params, fused=fused)
+        no_momentum = not bool((self.hp["momentum"] > 0).any())
+        # The base class offers fused kernels to FUSED_ON_CPU names only; torch.optim has none
+        # for RMSprop, so here fused means "through Adam's kernel", which needs momentum 0.
+        self.fused = no_momentum and (self.device.type == "cpu" if fused is None else fused)
+        self.constant_step = torch.full(
+            (), self._NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=self.device
+        )
+        if self.fused:
+            # Adam's exp_avg: the kernel computes 0 * exp_avg + grad, and 0 * NaN from
+            # uninitialised memory would be NaN. From here on it only ever holds gradients.
+            for t in self.scratch:
+                t.zero_()
 
     def _init_state(self, params: Sequence[Tensor]) -> None:
         self.state["square_avg"] = [torch.zeros_like(p) for p in params]
         if bool((self.hp["momentum"] > 0).any()):  # torch: zeros, only when momentum > 0
             self.state["momentum_buffer"] = [torch.zeros_like(p) for p in params]
+
+    def _steps_for(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        return [self.constant_step] * len(tensors)
+
+    def _fused_update(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        # exp_avg: scratch (zeroed in __init__), overwritten with the gradient each step.
+        ps, gs, sqs, firsts = self._member_views(
+            params, grads, self.state["square_avg"], self.scratch
+        )
+        steps = self._steps_for(params)
+        for p, g, sq, first, hp in zip(ps, gs, sqs, firsts, self.member_hp, strict=True):
+            torch._fused_adam_(
+                p,
+                g,
+                first,
+                sq,
+                [],  # no amsgrad
+                steps,
+                amsgrad=False,
+                lr=hp["lr"],
+                beta1=0.0,
+                beta2=hp["alpha"],
+                weight_decay=hp["weight_decay"],
+                eps=hp["eps"],
+                maximize=False,
+            )
 
     def _refresh(self) -> None:
         super()._refresh()

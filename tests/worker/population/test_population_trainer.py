@@ -142,6 +142,18 @@ def test_members_equal_their_sequential_runs_with_default_threads(
         _assert_same_run(result, train_trial(config, small_digits), small_digits)
 
 
+def test_rmsprop_without_momentum_equals_its_sequential_runs(small_digits: TensorSplits) -> None:
+    """Such a run steps through Adam's fused kernel (beta1 = 0, no bias correction) on CPU;
+    the sequential run uses torch.optim.RMSprop."""
+    configs = [
+        TrialConfig(**BASE, optimizer="rmsprop", learning_rate=1e-3, seed=21),
+        TrialConfig(**BASE, optimizer="rmsprop", learning_rate=3e-3, weight_decay=1e-3, seed=22),
+    ]
+    results = train_population(configs, small_digits)
+    for config, result in zip(configs, results, strict=True):
+        _assert_same_run(result, train_trial(config, small_digits), small_digits)
+
+
 def test_batch_norm_members_equal_their_sequential_runs(small_digits: TensorSplits) -> None:
     base = {**BASE, "batch_norm": True, "activation": "tanh", "batch_size": 50}
     configs = [
