@@ -127,12 +127,18 @@ def test_a_pruned_member_is_told_while_its_population_trains_on(tmp_path: Path) 
     # finished ones; some members of the last two were pruned, each told while a stack-mate
     # still trained (before, they stayed RUNNING until their stack ended).
     assert pruned and pruned <= set(range(4, 12))
-    # Pruned before the last epoch, so their stack-mates that were not pruned trained on.
-    early = {
-        t.number for t in study.trials if t.number in pruned and len(t.intermediate_values) < 6
+    # Members pruned while a stack-mate trained on (more epochs than they did): each was
+    # PRUNED in storage by the stack-mate's next epoch. (A member pruned at the same epoch as
+    # the last of its stack-mates leaves with them; which members those are depends on the
+    # arithmetic's rounding, so the test does not fix them.)
+    epochs = {t.number: len(t.intermediate_values) for t in study.trials}
+    outlived = {
+        p
+        for p in pruned
+        if any(epochs[q] > epochs[p] for q in range(p // 4 * 4, p // 4 * 4 + 4) if q != p)
     }
-    assert early, {t.number: len(t.intermediate_values) for t in study.trials}
-    assert early <= {p for p, _ in pruned_while_training}
+    assert outlived, epochs
+    assert outlived <= {p for p, _ in pruned_while_training}, epochs
     assert jobs.get(job_id).finished == 12
 
 
