@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import optuna
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from optuna.trial import TrialState
@@ -247,6 +247,7 @@ _RECOUNT_S = 1.0
     responses={304: {"description": "Not modified: the job still matches If-None-Match."}},
 )
 async def get_job(
+    request: Request,
     job_id: str,
     jobs: JobsDep,
     storage: StorageDep,
@@ -281,6 +282,8 @@ async def get_job(
         row, recounted = _row_version(await run_in_threadpool(jobs.get, job_id)), loop.time()
         while etag in seen and loop.time() < deadline:
             await asyncio.sleep(min(_ROW_CHECK_S, max(0.0, deadline - loop.time())))
+            if await request.is_disconnected():  # nobody to answer: stop reading the database
+                break
             now_row = _row_version(await run_in_threadpool(jobs.get, job_id))
             if now_row != row or loop.time() - recounted >= _RECOUNT_S:
                 detail = await run_in_threadpool(_job_detail, job_id, jobs, storage, owner)
@@ -288,7 +291,7 @@ async def get_job(
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if wait > 0:
         headers["Preference-Applied"] = f"wait={wait:g}"
-    if etag in seen:
+    if etag in seen or "*" in seen:  # "*": any current representation (RFC 9110)
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     return JSONResponse(detail.model_dump(mode="json"), headers=headers)
 
