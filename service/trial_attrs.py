@@ -81,6 +81,11 @@ def create_trials(study: optuna.Study, n: int) -> list[int]:
     """``n`` new RUNNING trials in one transaction (Optuna's ``create_new_trial`` each took its
     own: 2.5 ms apiece on SQLite, 28 ms for a population of 11); their ids, in number order.
 
+    On a storage with heartbeats the same transaction records each trial's first beat
+    (``_beat_in``): a RUNNING trial without a beat is never judged stale, so a worker killed
+    between creating its trials and its heartbeat thread's first beat left them RUNNING for
+    good, holding their job's budget.
+
     Numbered as Optuna numbers them (trials of the study before each one) under the same
     study-row lock, and added to Optuna's trial cache as its ``create_new_trial`` adds one, so
     the cached storage's own methods know them. (``optuna.Trial(study, id)`` still reads each
@@ -88,7 +93,7 @@ def create_trials(study: optuna.Study, n: int) -> list[int]:
     """
     storage = study._storage
     backend = rdb_backend(storage)
-    if backend is None or not isinstance(storage, _CachedStorage) or n < 2:
+    if backend is None or not isinstance(storage, _CachedStorage) or n < 1:
         return [storage.create_new_trial(study._study_id) for _ in range(n)]
     study_id = study._study_id
     with _create_scoped_session(backend.scoped_session) as session:
@@ -107,6 +112,7 @@ def create_trials(study: optuna.Study, n: int) -> list[int]:
         first = rows[0].count_past_trials(session)
         for i, row in enumerate(rows):
             row.number = first + i
+        _beat_in(session, backend, [int(row.trial_id) for row in rows])
         created = [
             FrozenTrial(
                 number=int(row.number),
@@ -243,15 +249,43 @@ def record_heartbeats(storage: optuna.storages.BaseStorage, trial_ids: Sequence[
         for trial_id in trial_ids:
             storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
         return
-    model = models.TrialHeartbeatModel
     with _create_scoped_session(backend.scoped_session, True) as session:
-        now = session.execute(func.now()).scalar()
-        stmt = insert(model).values([{"trial_id": tid, "heartbeat": now} for tid in trial_ids])
-        session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[model.trial_id], set_={"heartbeat": stmt.excluded.heartbeat}
-            )
+        _beat_in(session, backend, trial_ids, always=True)
+
+
+def _beat_in(session: Any, backend: Any, trial_ids: Sequence[int], *, always: bool = False) -> None:
+    """Upsert the trials' heartbeats inside ``session``, on the database's clock (see
+    ``record_heartbeats``); unless ``always``, only when the storage has heartbeats on."""
+    upsert = _UPSERTS.get(backend.engine.name)
+    if not trial_ids or upsert is None or not (always or backend.heartbeat_interval):
+        return
+    model = models.TrialHeartbeatModel
+    now = session.execute(func.now()).scalar()
+    stmt = upsert(model).values([{"trial_id": tid, "heartbeat": now} for tid in trial_ids])
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[model.trial_id], set_={"heartbeat": stmt.excluded.heartbeat}
         )
+    )
+
+
+def claim_waiting_trial(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
+    """Turn a WAITING trial RUNNING, as Optuna's ``set_trial_state_values`` does (False when
+    another worker claimed it first; UpdateFinishedTrialError when it is finished), with its
+    first heartbeat in the same transaction, as ``create_trials`` records new trials' beats."""
+    backend = rdb_backend(storage)
+    if backend is None or _UPSERTS.get(backend.engine.name) is None:
+        return bool(storage.set_trial_state_values(trial_id, state=TrialState.RUNNING))
+    with _create_scoped_session(backend.scoped_session) as session:
+        trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+        if trial.state.is_finished():  # as Optuna's check_trial_is_updatable
+            raise UpdateFinishedTrialError(f"trial {trial_id} has already finished")
+        if trial.state != TrialState.WAITING:
+            return False
+        trial.state = TrialState.RUNNING
+        trial.datetime_start = datetime.now()  # Optuna's: local, naive
+        _beat_in(session, backend, [trial_id])
+    return True
 
 
 def _upsert_many_attrs(

@@ -42,6 +42,7 @@ from service.studies import (
 from service.trial_attrs import (
     PendingParam,
     Tell,
+    claim_waiting_trial,
     create_trials,
     fail_trial,
     held_params,
@@ -330,7 +331,7 @@ def _claim_waiting(storage: optuna.storages.BaseStorage, waiting: list[int]) -> 
     while waiting:
         candidate = waiting.pop(0)
         try:
-            if storage.set_trial_state_values(candidate, state=TrialState.RUNNING):
+            if claim_waiting_trial(storage, candidate):
                 return candidate
         except UpdateFinishedTrialError:
             continue

@@ -10,13 +10,15 @@ from datetime import datetime, timedelta
 import optuna
 import pytest
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages._rdb import models
 from optuna.trial import TrialState
-from sqlalchemy import event
+from sqlalchemy import event, func, select
 
 from service.config import Settings
-from service.studies import make_storage, rdb_backend
+from service.studies import make_storage, rdb_backend, waiting_trial_ids
 from service.trial_attrs import (
     Tell,
+    claim_waiting_trial,
     create_trials,
     held_params,
     record_heartbeats,
@@ -449,3 +451,47 @@ def test_concurrent_creators_never_share_a_trial_number(database_url: str) -> No
     assert not errors, errors
     study = optuna.load_study(study_name=name, storage=make_storage(database_url))
     assert sorted(t.number for t in study.trials) == list(range(3 * 5 * 4))
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_trials_turned_running_by_a_worker_carry_a_beat_from_that_commit(
+    database_url: str, n: int
+) -> None:
+    """New trials and a claimed WAITING one get their first heartbeat in the commit that makes
+    them RUNNING: a worker killed before its heartbeat thread's first beat left trials that no
+    stale check ever judged (a RUNNING trial without a beat is not judged), holding the job."""
+    settings = Settings(heartbeat_interval_s=1, heartbeat_grace_s=1)
+    storage = make_storage(database_url, settings, heartbeat=True)
+    study = optuna.create_study(storage=storage)
+    commits: list[int] = []
+    event.listen(storage.engine, "commit", lambda _conn: commits.append(1))
+    ids = create_trials(study, n)
+    study.enqueue_trial({})
+    [waiting] = waiting_trial_ids(storage, study._study_id)
+    commits.clear()
+    assert claim_waiting_trial(storage, waiting)
+    assert len(commits) == 1
+    assert not claim_waiting_trial(storage, waiting)  # RUNNING now: another worker's to run
+    assert study._storage.get_trial(waiting).state == TrialState.RUNNING
+    backend = rdb_backend(storage)
+    assert backend is not None
+    assert backend._get_stale_trial_ids(study._study_id) == []  # beats are fresh
+    time.sleep(2.2)  # nobody beats again (the worker died): past the 1 s grace, all stale
+    assert sorted(backend._get_stale_trial_ids(study._study_id)) == sorted([*ids, waiting])
+    study.tell(study._storage.get_trial(waiting).number, state=TrialState.FAIL)
+    with pytest.raises(UpdateFinishedTrialError):
+        claim_waiting_trial(storage, waiting)
+    storage.engine.dispose()
+
+
+def test_without_heartbeats_no_beat_is_written(database_url: str) -> None:
+    storage = make_storage(database_url)  # the API's storage: no heartbeat
+    study = optuna.create_study(storage=storage)
+    create_trials(study, 3)
+    backend = rdb_backend(storage)
+    assert backend is not None
+    with backend.engine.connect() as conn:
+        assert (
+            conn.execute(select(func.count()).select_from(models.TrialHeartbeatModel)).scalar() == 0
+        )
+    storage.engine.dispose()
