@@ -656,12 +656,15 @@ def main() -> int:
         )
     )
     print(f"\nwrote {out}")
+    if args.repeats > 1:
+        print(f"each round against its own baseline: {_by_round_line(summary)}")
+        print(f"  with training.precision bf16: {_by_round_line(summary_bf16)}")
     print(f"with training.precision bf16: {_summary_line(summary_bf16)}")
     print(_summary_line(summary))  # the default precision (fp32) is the headline
     return 0
 
 
-def _summary(results: list[Result], suffix: str) -> dict[str, float]:
+def _summary(results: list[Result], suffix: str) -> dict[str, Any]:
     """Population and service against the baseline, for the contenders named with ``suffix``."""
     base = results[0]
     pop_r = next(r for r in results if r.name == "engine_population" + suffix)
@@ -671,15 +674,31 @@ def _summary(results: list[Result], suffix: str) -> dict[str, float]:
         "service_vs_baseline": svc.trials_per_min / base.trials_per_min,
         "quality_delta_pp": (pop_r.best_val_accuracy - base.best_val_accuracy) * 100,
         "paired_quality_delta_pp": (pop_r.notes.get("paired_delta_pp") or (float("nan"),))[0],
+        # The same ratios within each round (the contenders ran minutes apart, so a machine
+        # that drifts between rounds moves these less than the medians' ratio).
+        "population_vs_baseline_by_round": _by_round(base, pop_r),
+        "service_vs_baseline_by_round": _by_round(base, svc),
     }
 
 
-def _summary_line(summary: dict[str, float]) -> str:
+def _by_round(base: Result, other: Result) -> list[float]:
+    """Baseline wall / contender wall in each round (equal trial counts: the trials/min ratio)."""
+    walls = zip(base.notes["walls_s"], other.notes["walls_s"], strict=True)
+    return [round(b / o, 2) for b, o in walls]
+
+
+def _summary_line(summary: dict[str, Any]) -> str:
     return (
         f"population_vs_baseline={summary['population_vs_baseline']:.2f}x "
         f"service_vs_baseline={summary['service_vs_baseline']:.2f}x "
         f"quality_delta={summary['quality_delta_pp']:+.2f}pp"
     )
+
+
+def _by_round_line(summary: dict[str, Any]) -> str:
+    pop = ", ".join(f"{x:.2f}x" for x in summary["population_vs_baseline_by_round"])
+    svc = ", ".join(f"{x:.2f}x" for x in summary["service_vs_baseline_by_round"])
+    return f"population {pop}; service {svc}"
 
 
 if __name__ == "__main__":

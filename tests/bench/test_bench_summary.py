@@ -1,0 +1,37 @@
+"""The benchmark's summary: median-wall ratios, and the same ratios within each round."""
+
+from __future__ import annotations
+
+from bench.run import Result, _by_round_line, _summary, _summary_line
+
+
+def _result(name: str, walls: list[float], best: float = 0.95) -> Result:
+    median = sorted(walls)[len(walls) // 2]
+    return Result(
+        name=name,
+        wall_s=median,
+        trials=48,
+        model_epochs=180,
+        best_val_accuracy=best,
+        trials_per_min=48 / median * 60,
+        model_epochs_per_s=180 / median,
+        notes={"walls_s": walls, "paired_delta_pp": (0.1, 9)},
+    )
+
+
+def test_ratios_over_the_medians_and_within_each_round() -> None:
+    results = [
+        _result("baseline", [20.0, 24.0, 22.0], best=0.948),
+        _result("engine_population", [8.0, 6.0, 5.5], best=0.953),
+        _result("service", [10.0, 8.0, 11.0]),
+    ]
+    summary = _summary(results, "")
+    assert round(summary["population_vs_baseline"], 6) == round(22.0 / 6.0, 6)
+    assert round(summary["service_vs_baseline"], 6) == round(22.0 / 10.0, 6)
+    # Round by round: each contender against the baseline of its own round.
+    assert summary["population_vs_baseline_by_round"] == [2.5, 4.0, 4.0]
+    assert summary["service_vs_baseline_by_round"] == [2.0, 3.0, 2.0]
+    assert _summary_line(summary) == (
+        "population_vs_baseline=3.67x service_vs_baseline=2.20x quality_delta=+0.50pp"
+    )
+    assert _by_round_line(summary) == "population 2.50x, 4.00x, 4.00x; service 2.00x, 3.00x, 2.00x"
