@@ -272,22 +272,23 @@ async def get_job(
     trial finishes, the state moves), or 304 after the wait, so the client learns of the
     change within ~0.1 s without asking several times a second.
     """
-    detail = await run_in_threadpool(_job_detail, job_id, jobs, storage, owner)
+    job = await run_in_threadpool(jobs.get, job_id, owner=owner)
+    detail = await run_in_threadpool(_job_detail, job, storage)
     etag = _etag(detail)
     seen = _etags(if_none_match)
     wait = _wait_preference(prefer) if seen else 0.0
     if etag in seen and wait > 0:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        row, recounted = _row_version(await run_in_threadpool(jobs.get, job_id)), loop.time()
+        row, recounted = _row_version(job), loop.time()
         while etag in seen and loop.time() < deadline:
             await asyncio.sleep(min(_ROW_CHECK_S, max(0.0, deadline - loop.time())))
             if await request.is_disconnected():  # nobody to answer: stop reading the database
                 break
-            now_row = _row_version(await run_in_threadpool(jobs.get, job_id))
-            if now_row != row or loop.time() - recounted >= _RECOUNT_S:
-                detail = await run_in_threadpool(_job_detail, job_id, jobs, storage, owner)
-                etag, row, recounted = _etag(detail), now_row, loop.time()
+            job = await run_in_threadpool(jobs.get, job_id)
+            if _row_version(job) != row or loop.time() - recounted >= _RECOUNT_S:
+                detail = await run_in_threadpool(_job_detail, job, storage)
+                etag, row, recounted = _etag(detail), _row_version(job), loop.time()
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if wait > 0:
         headers["Preference-Applied"] = f"wait={wait:g}"
@@ -296,8 +297,7 @@ async def get_job(
     return JSONResponse(detail.model_dump(mode="json"), headers=headers)
 
 
-def _job_detail(job_id: str, jobs: Any, storage: Any, owner: str | None) -> JobDetail:
-    job = jobs.get(job_id, owner=owner)
+def _job_detail(job: Job, storage: Any) -> JobDetail:
     study = _study(job, storage)
     counts, top = progress(study)
     best = (
