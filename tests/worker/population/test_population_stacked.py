@@ -159,3 +159,22 @@ def test_dropout_thresholds_keep_exactly_the_rounded_probability(p: float) -> No
     assert abs(kept / 65536 - (1 - p)) <= 0.5 / 65536 + 1e-12
     if p == 0.0:
         assert kept == 65536  # nothing is ever dropped
+
+
+def test_dropout_bits_are_uniform_16_bit_numbers_repeated_by_the_seed() -> None:
+    from worker.population.stacked import _RandomBits
+
+    shape = torch.Size([4, 256, 256])  # 2^18 numbers
+    buffer = torch.empty(shape.numel() // 4, dtype=torch.int64)
+    first = _RandomBits(7, torch.device("cpu"))
+    draws = [first.int16(buffer, shape).clone() for _ in range(2)]
+    assert draws[0].shape == shape and draws[0].dtype == torch.int16
+    assert not torch.equal(draws[0], draws[1])  # each step draws new bits
+    again = _RandomBits(7, torch.device("cpu"))
+    assert torch.equal(again.int16(buffer, shape), draws[0])  # the seed repeats the masks
+    assert not torch.equal(_RandomBits(8, torch.device("cpu")).int16(buffer, shape), draws[0])
+    values = draws[0].to(torch.int32) + 32768  # 0 .. 65535
+    for part in (values >> 12, values & 15):  # the high and the low four bits: 16 bins each
+        counts = torch.bincount(part.flatten(), minlength=16).double()
+        expected = shape.numel() / 16
+        assert ((counts - expected).abs() / expected).max() < 0.02
