@@ -43,9 +43,9 @@ from service.trial_attrs import (
     PendingParam,
     Tell,
     claim_waiting_trial,
-    create_trials,
     fail_trial,
     held_params,
+    new_trials,
     record_heartbeats,
     set_intermediate_values,
     start_trial,
@@ -300,7 +300,7 @@ def ask(rt: JobRuntime) -> optuna.Trial:
 def ask_population(rt: JobRuntime, n: int, waiting: list[int] | None = None) -> list[optuna.Trial]:
     """``Study.ask`` up to n times: WAITING trials first, oldest first, each claimed on its own
     (a trial that another worker claims or finishes first is skipped), then the new ones
-    created in one transaction (``create_trials``).
+    created in one transaction (``new_trials``).
 
     ``waiting``: ids from ``waiting_trial_ids`` (claimed ones are removed); None looks them up.
     Optuna's own ask finds WAITING trials by reading every unfinished trial, so P asks would
@@ -315,14 +315,15 @@ def ask_population(rt: JobRuntime, n: int, waiting: list[int] | None = None) -> 
     ids: list[int] = []
     while len(ids) < n and (claimed := _claim_waiting(storage, waiting)) is not None:
         ids.append(claimed)
+    study._thread_local.cached_all_trials = None  # as Study.ask: claimed trials, a fresh view
+    trials = [optuna.Trial(study, trial_id) for trial_id in ids]  # read: fixed parameters
     try:
-        ids += create_trials(study, n - len(ids))
+        trials += new_trials(study, n - len(ids))
     except Exception as e:
         if not ids:
             raise
         log.warning("job %s: new trials could not be created (%s)", rt.job_id, describe(e))
-    study._thread_local.cached_all_trials = None  # as Study.ask: new trials, a fresh view
-    return [optuna.Trial(study, trial_id) for trial_id in ids]
+    return trials
 
 
 def _claim_waiting(storage: optuna.storages.BaseStorage, waiting: list[int]) -> int | None:

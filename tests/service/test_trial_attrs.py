@@ -21,6 +21,7 @@ from service.trial_attrs import (
     claim_waiting_trial,
     create_trials,
     held_params,
+    new_trials,
     record_heartbeats,
     set_intermediate_values,
     start_trial,
@@ -427,6 +428,37 @@ def test_a_populations_new_trials_are_one_commit_numbered_as_optuna_numbers_them
     trials[2].report(0.5, 1)  # Optuna's own writes work on them (its cache knows them)
     study.tell(trials[2], 0.5)
     assert study.get_trials()[3].value == 0.5
+
+
+def test_new_trials_equal_what_optuna_reads_back(
+    study_and_commits: tuple[optuna.Study, list[int]],
+) -> None:
+    """``new_trials`` builds ``optuna.Trial`` objects from the rows it wrote instead of reading
+    each back: every attribute must be what ``optuna.Trial(study, id)`` sets (an attribute that
+    a new Optuna adds to ``Trial.__init__`` fails here)."""
+    study, commits = study_and_commits
+    study.ask()
+    commits.clear()
+    made = new_trials(study, 3)
+    assert len(commits) == 1
+    assert [t.number for t in made] == [1, 2, 3]
+    for trial in made:
+        read = optuna.Trial(study, trial._trial_id)
+        assert vars(trial).keys() == vars(read).keys()
+        for key, value in vars(read).items():
+            if key in ("study", "storage"):
+                assert getattr(trial, key) is value
+            else:
+                assert getattr(trial, key) == value, key
+    first = made[0]
+    cache = study._storage._studies[study._study_id].trials  # type: ignore[attr-defined]
+    assert first._cached_frozen_trial is not cache[first.number]  # its own copy
+    x = first.suggest_float("x", 0.0, 1.0)  # they work as asked trials do
+    first.report(0.25, 1)
+    study.tell(first, x)
+    stored = study.get_trials()[1]
+    assert stored.params == {"x": x} and stored.intermediate_values == {1: 0.25}
+    assert stored.state == TrialState.COMPLETE
 
 
 def test_concurrent_creators_never_share_a_trial_number(database_url: str) -> None:
