@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb import storage as rdb_storage_module
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import func, select, text
 
@@ -30,6 +31,34 @@ StaleHook = Callable[[optuna.Study, FrozenTrial], None]
 
 
 _SCHEMA_CHECKED: set[str] = set()  # database URLs this process has checked (make_storage)
+
+
+def _reuse_alembic_scripts() -> None:
+    """Have Optuna read its alembic migration scripts once per process, not once per question.
+
+    Each time Optuna needs its schema's head revision it builds a new alembic ScriptDirectory,
+    which imports its ~30 migration scripts afresh (~25 ms): three times for a new database
+    (stamping it, then checking it), 86 against 28 ms for a new SQLite database; ``hpo run``
+    starts with one. The scripts are files of the installed package, the same for every
+    database, so one ScriptDirectory serves them all (``ScriptDirectory`` keeps no URL).
+    Pinned optuna==5.0.0; tests/service/test_studies.py checks the hook is still there.
+    """
+    manager = rdb_storage_module._VersionManager
+    build = manager._create_alembic_script
+    if getattr(build, "reused", False):
+        return
+    scripts: list[Any] = []
+
+    def create_alembic_script(self: Any) -> Any:
+        if not scripts:
+            scripts.append(build(self))
+        return scripts[0]
+
+    create_alembic_script.reused = True  # type: ignore[attr-defined]
+    manager._create_alembic_script = create_alembic_script  # type: ignore[method-assign]
+
+
+_reuse_alembic_scripts()
 
 
 def make_storage(

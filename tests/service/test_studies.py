@@ -205,3 +205,33 @@ def test_trials_are_counted_by_state_in_one_query(tmp_path: Path, backend: str) 
         TrialState.RUNNING: 2,
         TrialState.WAITING: 1,
     }
+
+
+def test_new_databases_are_stamped_with_the_scripts_read_once(tmp_path: Path) -> None:
+    """make_storage's process reads Optuna's alembic scripts once (``_reuse_alembic_scripts``),
+    and a database it creates passes Optuna's own, unpatched compatibility check."""
+    import subprocess
+    import sys
+
+    from optuna.storages._rdb import storage as rdb
+
+    manager = rdb._VersionManager
+    assert getattr(manager._create_alembic_script, "reused", False)  # the hook is in place
+    urls = [f"sqlite:///{tmp_path / f'db{i}.sqlite'}" for i in range(2)]
+    storages = [make_storage(url) for url in urls]
+    scripts = [s._version_manager._create_alembic_script() for s in storages]
+    assert scripts[0] is scripts[1]
+    check = (
+        "import optuna, sys; from optuna.storages._rdb import storage as rdb\n"
+        "assert not hasattr(rdb._VersionManager._create_alembic_script, 'reused')\n"
+        "s = optuna.storages.RDBStorage(sys.argv[1])\n"  # raises if the schema is not current
+        "m = s._version_manager\n"
+        "print(m.get_current_version() == m.get_head_version())\n"
+    )
+    for url in urls:
+        out = subprocess.run(
+            [sys.executable, "-c", check, url], capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == "True", out.stderr
+    for s in storages:
+        s.engine.dispose()
