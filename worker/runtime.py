@@ -14,6 +14,7 @@ from service.config import Settings
 from service.datasets import load_dataset, make_splits
 from service.db import Job
 from service.spec import JobSpec
+from service.startup import freeze_startup_objects
 from service.studies import load_job_study
 from worker.training import TensorSplits, resolve_device, to_tensors
 
@@ -24,7 +25,8 @@ def warm_up() -> None:
     The first ``torch.optim`` optimizer a process builds imports ``torch._dynamo`` (about 1 s
     here), the first split imports scikit-learn (about 1.3 s) and the first matmul starts the
     intra-op thread pool. A worker is long-lived, so paying these at start keeps them out of
-    the first job's trials (measured in the service benchmark, bench/run.py).
+    the first job's trials (measured in the service benchmark, bench/run.py). Then the objects
+    alive are frozen out of garbage collection (``freeze_startup_objects``).
     """
     from sklearn.model_selection import train_test_split  # noqa: F401  (make_splits')
 
@@ -33,6 +35,7 @@ def warm_up() -> None:
     weight = torch.zeros(4, 4, requires_grad=True)
     torch.optim.Adam([weight]).zero_grad()
     torch.mm(weight.detach(), weight.detach())
+    freeze_startup_objects()  # last: what the imports above left, out of the collector's way
 
 
 @dataclass

@@ -18,6 +18,7 @@ from service.api.schemas import problem_responses
 from service.api.security import BearerAuthMiddleware
 from service.config import Settings
 from service.db import JobStore, create_schema, make_engine
+from service.startup import freeze_startup_objects
 from service.studies import make_storage
 
 
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.jobs = JobStore(engine)
         app.state.storage = make_storage(url, settings)
         app.state.metrics = Metrics(engine, app.state.jobs)
+        freeze_startup_objects()  # full collections would stall requests (see there)
         yield
         engine.dispose()
 
