@@ -122,17 +122,9 @@ def job_spec(setup: Setup, name: str, precision: str = "fp32") -> dict[str, Any]
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32) -> float:
     """GFLOP/s of a large matmul with all intra-op threads: the CPU's practical peak."""
-    n = 1024
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    for _ in range(3):
-        torch.mm(a, b)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(10):
-            torch.mm(a, b)
-        best = min(best, (time.perf_counter() - t) / 10)
-    return 2 * n**3 / best / 1e9
+    from worker.training.matmul_speed import matmul_gflops
+
+    return matmul_gflops(dtype, n=1024, repeats=5, inner=10)
 
 
 def flops_per_model_epoch(

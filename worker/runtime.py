@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,9 @@ from service.spec import JobSpec
 from service.startup import freeze_startup_objects
 from service.studies import load_job_study
 from worker.training import TensorSplits, resolve_device, to_tensors
+from worker.training.matmul_speed import bf16_warning, cpu_bf16_speedup
+
+log = logging.getLogger(__name__)
 
 
 def warm_up() -> None:
@@ -74,6 +78,10 @@ class RuntimeCache:
             spec.training.device if spec.training.device != "auto" else self.settings.device
         )
         device = resolve_device(device_name)
+        if spec.training.precision == "bf16" and device.type == "cpu":
+            warning = bf16_warning(cpu_bf16_speedup())
+            if warning is not None:
+                log.warning("job %s: %s", job.id, warning)
         ds = load_dataset(
             spec.dataset,
             data_dir=self.settings.resolved_data_dir,

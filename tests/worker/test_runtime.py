@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from service.config import Settings
 from service.db import JobStore, create_schema, make_engine
@@ -46,3 +48,29 @@ def test_train_subset_is_stratified_and_seeded() -> None:
     assert not np.array_equal(subsample(X, y, 300, seed=5)[1], ya) or not np.array_equal(
         subsample(X, y, 300, seed=5)[0], Xa
     )
+
+
+def test_a_bf16_job_on_a_cpu_with_slow_bf16_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker.training.matmul_speed import BF16_SLOWER_BELOW, cpu_bf16_speedup
+
+    s = Settings(data_root=tmp_path)
+    engine = make_engine(s.resolved_database_url)
+    create_schema(engine)
+    jobs, storage = JobStore(engine), make_storage(s.resolved_database_url, s)
+    cache = RuntimeCache(s, storage)
+    for precision in ("fp32", "bf16"):
+        spec = JobSpec.model_validate(random_spec(training={"precision": precision}))
+        job, _ = submit(spec, settings=s, jobs=jobs, storage=storage)
+        with caplog.at_level(logging.WARNING, logger="worker.runtime"):
+            caplog.clear()
+            cache.get(job)
+        warned = [
+            r.getMessage() for r in caplog.records if "training.precision bf16" in r.getMessage()
+        ]
+        # this machine's own measurement decides: CI machines differ (AMX, AVX-512 BF16, none)
+        slow = precision == "bf16" and cpu_bf16_speedup() < BF16_SLOWER_BELOW
+        assert len(warned) == (1 if slow else 0), (precision, cpu_bf16_speedup(), warned)
+        if slow:
+            assert warned[0].startswith(f"job {job.id}: ")
