@@ -325,14 +325,14 @@ class Worker:
     def _reserve_more(self, job: Job, k: int) -> int:
         if self.max_trials is not None:
             k = min(k, self.max_trials - self.trials_run - 1)
-        got = 0
+        if k <= 0:
+            return 0
         try:
-            while got < k and self.jobs.reserve_slot(job.id):
-                got += 1
+            return self.jobs.reserve_slots(job.id, k)
         except Exception as e:
             if not is_transient(e):
                 raise
-        return got
+            return 0  # the transaction took none: run the one slot already held
 
     def _after_trial(self, job: Job, outcome: TrialOutcome) -> None:
         if outcome.outcome is Outcome.FAILED:

@@ -232,6 +232,31 @@ class TestBudget:
         assert store.get(jid).reserved == 13
         assert not store.reserve_slot(jid)
 
+    def test_reserve_slots_takes_at_most_what_is_left_under_8_threads(
+        self, store: JobStore
+    ) -> None:
+        jid = job_in(store, S.RUNNING, n_trials=29)
+        barrier = threading.Barrier(8)
+        taken = [0] * 8
+
+        def take(i: int) -> None:
+            barrier.wait()
+            while got := store.reserve_slots(jid, 3):
+                assert 1 <= got <= 3
+                taken[i] += got
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(take, range(8)))
+        assert sum(taken) == 29
+        assert store.get(jid).reserved == 29
+        assert store.reserve_slots(jid, 5) == 0
+        other = job_in(store, S.QUEUED, n_trials=4)
+        assert store.reserve_slots(other, 0) == 0
+        assert store.reserve_slots(other, 3) == 3
+        assert store.reserve_slots(other, 3) == 1  # only one left
+        assert store.reserve_slots(job_in(store, S.CANCELLING), 2) == 0
+        assert store.reserve_slots("nope", 2) == 0
+
     def test_reserve_only_while_runnable(self, store: JobStore) -> None:
         for state in (S.CANCELLING, S.CANCELLED, S.SUCCEEDED, S.FAILED):
             jid = job_in(store, state)
