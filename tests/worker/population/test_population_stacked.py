@@ -74,6 +74,41 @@ def test_train_step_equals_autograd_per_member(activation: str, batch_norm: bool
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_train_step_with_dropout_equals_autograd_with_the_same_masks(
+    activation: str, batch_norm: bool
+) -> None:
+    """With dropout the step must equal each member's autograd step under the masks it drew
+    (relu takes its own path there: relu(z * mask) in place of relu(z) * mask)."""
+    models = _members(3, batch_norm, activation)
+    stack = StackedMLP(
+        models, activation=activation, dropouts=[0.0, 0.3, 0.6], device=torch.device("cpu")
+    )
+    gen = torch.Generator().manual_seed(2)
+    X, y = torch.randn(40, 6, generator=gen), torch.randint(0, 4, (40,), generator=gen)
+    rows = torch.stack([torch.randperm(40, generator=gen)[:10] for _ in models])
+    losses = torch.empty(3)
+    stack.train_step(X, y, rows.reshape(-1), losses)
+    masks = stack._workspaces[10].mask
+
+    for j, model in enumerate(models):
+        model.train()
+        h, layer = X[rows[j]], 0
+        for module in model:
+            h = module(h)
+            if isinstance(module, type(make_activation(activation))):
+                h = h * masks[layer][j]  # the scaled mask this member drew for the layer
+                layer += 1
+        loss = F.cross_entropy(h, y[rows[j]])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        assert losses[j].item() == pytest.approx(loss.item(), rel=1e-6)
+        for stacked_grad, grad in zip(stack.grads, grads, strict=True):
+            mine = stacked_grad[j].t() if grad.dim() == 2 else stacked_grad[j]
+            torch.testing.assert_close(mine, grad, rtol=1e-5, atol=1e-6)
+    assert bool((masks[0][1] == 0).any()) and bool((masks[0][0] == 1).all())
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
 def test_evaluate_and_export_match_the_member_models(batch_norm: bool) -> None:
     models = _members(3, batch_norm, "gelu")
     gen = torch.Generator().manual_seed(2)
