@@ -213,3 +213,18 @@ def test_dropout_bits_are_uniform_16_bit_numbers_repeated_by_the_seed() -> None:
         counts = torch.bincount(part.flatten(), minlength=16).double()
         expected = shape.numel() / 16
         assert ((counts - expected).abs() / expected).max() < 0.02
+
+
+def test_kept_units_are_the_bits_at_or_below_each_members_threshold() -> None:
+    from worker.population.stacked import _keep_thresholds, _RandomBits
+
+    shape = torch.Size([3, 64, 32])
+    buffer = torch.empty(shape.numel() // 4, dtype=torch.int64)
+    thresholds = _keep_thresholds([0.0, 0.25, 0.9], torch.device("cpu"))
+    kept = torch.empty(shape, dtype=torch.bool)
+    _RandomBits(5, torch.device("cpu")).keep(buffer, thresholds, out=kept)
+    bits = _RandomBits(5, torch.device("cpu")).int16(buffer, shape)  # the same draw again
+    assert torch.equal(kept, bits <= thresholds)
+    assert bool(kept[0].all())  # p = 0 keeps everything
+    assert abs(kept[1].float().mean().item() - 0.75) < 0.03
+    assert abs(kept[2].float().mean().item() - 0.1) < 0.03
