@@ -296,12 +296,12 @@ def _beat_in(session: Any, backend: Any, trial_ids: Sequence[int], *, always: bo
         return
     model = models.TrialHeartbeatModel
     now = session.execute(func.now()).scalar()
-    stmt = upsert(model)
-    session.execute(  # executemany: see _upsert_many_attrs
-        stmt.on_conflict_do_update(
-            index_elements=[model.trial_id], set_={"heartbeat": stmt.excluded.heartbeat}
-        ),
-        [{"trial_id": tid, "heartbeat": now} for tid in trial_ids],
+    _upsert_rows(
+        session,
+        upsert,
+        model,
+        ("trial_id",),
+        [{"trial_id": t, "heartbeat": now} for t in trial_ids],
     )
 
 
@@ -339,15 +339,26 @@ def _upsert_many_attrs(
             for key, value in attrs.items():
                 backend._set_trial_attr_without_commit(session, model, trial_id, key, value)
         return
-    # One executemany of an upsert instead of a lookup and an upsert per attribute (a finished
-    # trial records about a dozen); an upsert, so a retried call overwrites, as Optuna's does.
-    # The statement is the same whatever the rows, so SQLAlchemy compiles it once per process:
-    # a multi-row VALUES list was compiled afresh for every call, 5 ms for a population's tell.
-    stmt = insert(model)
+    # One upsert for all instead of a lookup and an upsert per attribute (a finished trial
+    # records about a dozen); an upsert, so a retried call overwrites, as Optuna's does.
+    _upsert_rows(session, insert, model, ("trial_id", "key"), rows)
+
+
+def _upsert_rows(
+    session: Any, upsert: Any, model: Any, keys: Sequence[str], rows: list[dict[str, Any]]
+) -> None:
+    """INSERT ``rows`` into ``model``'s table, updating the other columns of rows whose
+    ``keys`` exist, as one executemany. The statement is the same whatever the rows, so
+    SQLAlchemy compiles it once per process: a multi-row VALUES list was compiled afresh for
+    every call (a population's tell took 8.8 ms that way on SQLite, 3.2 ms like this)."""
+    if not rows:
+        return
+    stmt = upsert(model)
+    others = [column for column in rows[0] if column not in keys]
     session.execute(
         stmt.on_conflict_do_update(
-            index_elements=[model.trial_id, model.key],
-            set_={"value_json": stmt.excluded.value_json},
+            index_elements=[getattr(model, key) for key in keys],
+            set_={column: stmt.excluded[column] for column in others},
         ),
         rows,
     )
@@ -417,17 +428,7 @@ def set_intermediate_values(
                         "intermediate_value_type": kind,
                     }
                 )
-            stmt = insert(model)
-            session.execute(  # executemany: see _upsert_many_attrs
-                stmt.on_conflict_do_update(
-                    index_elements=[model.trial_id, model.step],
-                    set_={
-                        "intermediate_value": stmt.excluded.intermediate_value,
-                        "intermediate_value_type": stmt.excluded.intermediate_value_type,
-                    },
-                ),
-                rows,
-            )
+            _upsert_rows(session, insert, model, ("trial_id", "step"), rows)
     for trial, step, value in values:
         trial._cached_frozen_trial.intermediate_values[step] = value
 
