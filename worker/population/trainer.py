@@ -113,8 +113,8 @@ def train_population(
     (KeyboardInterrupt, SystemExit) propagate at once.
 
     ``autocast``: None (fp32, the sequential numerics), ``"tf32"`` (CUDA: fp32 matmuls may use
-    TF32 during the call; no effect on CPU) or ``"bf16"`` (the batched matmuls take bfloat16
-    inputs; weights, loss and optimizer stay fp32).
+    TF32 during the call; no effect on CPU) or ``"bf16"`` (the hidden layers' batched matmuls
+    take bfloat16 inputs; the output layer's, weights, loss and optimizer stay fp32).
 
     ``on_epochs(batch)``: called once per epoch of a population (not for a lone fp32 member,
     which runs the sequential code), before the members' ``on_epoch`` calls, with every

@@ -228,3 +228,51 @@ def test_kept_units_are_the_bits_at_or_below_each_members_threshold() -> None:
     assert bool(kept[0].all())  # p = 0 keeps everything
     assert abs(kept[1].float().mean().item() - 0.75) < 0.03
     assert abs(kept[2].float().mean().item() - 0.1) < 0.03
+
+
+@pytest.mark.parametrize("hidden", [(12,), ()])
+def test_bf16_stack_keeps_the_output_layer_fp32_unless_it_reads_the_inputs(
+    hidden: tuple[int, ...],
+) -> None:
+    """Hidden layers multiply in bf16; the output layer (~1% of the FLOPs) in fp32, except in a
+    net without hidden layers, where it is the layer that reads the bf16 inputs."""
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(build_mlp(6, 4, TrialConfig(hidden_layers=hidden)))
+    stack = StackedMLP(
+        models,
+        activation="relu",
+        dropouts=[0.0] * 3,
+        device=torch.device("cpu"),
+        matmul_dtype=torch.bfloat16,
+    )
+    gen = torch.Generator().manual_seed(4)
+    X, y = torch.randn(40, 6, generator=gen), torch.randint(0, 4, (40,), generator=gen)
+    rows = torch.stack([torch.randperm(40, generator=gen)[:10] for _ in models]).reshape(-1)
+    stack.train_step(stack.inputs_for(X), y, rows, torch.empty(3))
+    ws = stack._workspaces[10]
+    h = ws.a[0] if hidden else ws.x  # what the output layer reads: fp32 activations or bf16 X
+    w, bias = stack._linear_at[-1]
+    weight, dl = stack.params[w], ws.dlogits  # dl: the logits' gradient [P, C, b]
+    if hidden:  # fp32 throughout: equal to fp32 matmuls of the same operands
+        expected_logits = torch.baddbmm(
+            bias_of(stack, bias), weight.transpose(1, 2), h.transpose(1, 2)
+        )
+        expected_grad = torch.bmm(h.transpose(1, 2), dl.transpose(1, 2))
+        atol = 1e-6
+    else:  # bf16 operands, as the first layer of any bf16 stack
+        bf = torch.bfloat16
+        product = torch.bmm(weight.transpose(1, 2).to(bf), h.transpose(1, 2).to(bf))
+        expected_logits = product + bias_of(stack, bias)
+        expected_grad = torch.bmm(h.transpose(1, 2).to(bf), dl.transpose(1, 2).to(bf)).float()
+        atol = 0.0
+        # and really bf16: the fp32 product of the same operands differs
+        fp32 = torch.bmm(h.transpose(1, 2).float(), dl.transpose(1, 2))
+        assert not torch.allclose(stack.grads[w], fp32, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ws.logits, expected_logits, rtol=0, atol=atol)
+    torch.testing.assert_close(stack.grads[w], expected_grad, rtol=0, atol=atol)
+
+
+def bias_of(stack: StackedMLP, index: int) -> torch.Tensor:
+    return stack.params[index].unsqueeze(2)  # [P, C, 1]: broadcast over the batch
