@@ -37,6 +37,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from hpo.client import Api, follow
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist-10k"
 
@@ -370,7 +372,8 @@ def run_service(
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=base, timeout=30) as c:
+        client = Api(base)
+        with client.http as c:
             # A deployed worker is long-lived: the job starts once it is up, as in production.
             for _ in range(300):
                 try:
@@ -391,10 +394,10 @@ def run_service(
             # the same data: a short job first, one trial per worker process.
             warm_up = _warm_up_spec(spec)
             warm_up["n_trials"] = max(warm_up["n_trials"], 2 * n_ready)
-            _submit_and_wait(c, warm_up)
+            _submit_and_wait(client, warm_up)
             t0 = time.time()
             start = time.perf_counter()
-            _submit_and_wait(c, spec)
+            _submit_and_wait(client, spec)
             wall = time.perf_counter() - start
         url = f"sqlite:///{workdir / 'hpo.db'}"
         return _from_storage(spec["name"], url, wall, t0)
@@ -408,18 +411,12 @@ def run_service(
                 p.kill()
 
 
-def _submit_and_wait(c: httpx.Client, spec: dict[str, Any]) -> None:
-    """POST the job and follow it as `hpo submit --wait` does: long polls that the server
-    answers when the job changes (within ~0.1 s), so this returns when the job ends and the
-    client costs the API a request per change, not several a second."""
-    job = c.post("/jobs", json=spec).json()
-    r = c.get(f"/jobs/{job['id']}")
-    while (state := r.json()["state"]) not in ("succeeded", "failed", "cancelled"):
-        headers = {"If-None-Match": r.headers["etag"], "Prefer": "wait=10"}
-        while (r := c.get(f"/jobs/{job['id']}", headers=headers)).status_code == 304:
-            pass
-    if state != "succeeded":
-        raise RuntimeError(f"service job {spec['name']!r} ended {state}")
+def _submit_and_wait(api: Api, spec: dict[str, Any]) -> None:
+    """POST the job and follow it as `hpo submit --wait` does (``hpo.client.follow``)."""
+    job = api.json("POST", "/jobs", json=spec)
+    *_, last = follow(api, job["id"])
+    if last["state"] != "succeeded":
+        raise RuntimeError(f"service job {spec['name']!r} ended {last['state']}")
 
 
 Curve = list[tuple[float, float]]

@@ -4,10 +4,12 @@ a one-line reason taken from the server's problem details."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -102,7 +104,7 @@ def submit(
                 f"submitted job [bold]{job['id']}[/] ({job['name']}, {job['n_trials']} trials): {job['state']}"
             )
         return
-    final = _wait(api, job["id"], spec.objective, quiet=as_json)
+    final = _wait(api, job["id"], spec.objective)
     if as_json:
         _print_json(final)
     else:
@@ -114,17 +116,38 @@ def submit(
         )
 
 
-def _wait(api: Api, job_id: str, objective: str, *, quiet: bool) -> dict[str, Any]:
-    """Follow the job until it ends. Each request is a long poll (``Prefer: wait``): the server
-    answers when the job changes, so the display moves as trials finish and this returns as
-    soon as the job ends, with one request per change or per wait rather than per second."""
-    from hpo.progress import JobProgress
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
-    terminal = {"succeeded", "failed", "cancelled"}
+
+def follow(api: Api, job_id: str) -> Iterator[dict[str, Any]]:
+    """The job as the server reports it, once at first and then after each change, until it
+    ends (the last one yielded). Each request is a long poll (``Prefer: wait``): the server
+    answers when the job changes, so this moves as trials finish and stops as soon as the job
+    ends, with one request per change or per wait rather than per second."""
     r = api.request("GET", f"/jobs/{job_id}")
     job = r.json()
+    while True:
+        yield job
+        if job["state"] in TERMINAL_STATES:
+            return
+        headers = {"Prefer": f"wait={WAIT_S:g}"}
+        if etag := r.headers.get("etag"):
+            headers["If-None-Match"] = etag
+        else:  # a server without long polling answers at once: do not spin
+            time.sleep(1.0)
+        r = api.request("GET", f"/jobs/{job_id}", headers=headers)
+        if r.status_code != 304:
+            job = r.json()
+
+
+def _wait(api: Api, job_id: str, objective: str) -> dict[str, Any]:
+    """Show the job's progress until it ends; the job as it ended."""
+    from hpo.progress import JobProgress
+
+    updates = follow(api, job_id)
+    job = next(updates)
     with JobProgress(job["n_trials"], objective=objective, console=err_console) as progress:
-        while True:
+        for job in itertools.chain([job], updates):
             c = job["trial_counts"]
             best = job["best"]["value"] if job.get("best") else None
             progress.update(
@@ -134,16 +157,7 @@ def _wait(api: Api, job_id: str, objective: str, *, quiet: bool) -> dict[str, An
                 best=best,
                 status=f"{job['state']} running {c['running']}",
             )
-            if job["state"] in terminal:
-                return job
-            headers = {"Prefer": f"wait={WAIT_S:g}"}
-            if etag := r.headers.get("etag"):
-                headers["If-None-Match"] = etag
-            else:  # a server without long polling answers at once: do not spin
-                time.sleep(1.0)
-            r = api.request("GET", f"/jobs/{job_id}", headers=headers)
-            if r.status_code != 304:
-                job = r.json()
+    return job
 
 
 def _print_best(api: Api, job: dict[str, Any]) -> None:
