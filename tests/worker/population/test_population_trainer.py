@@ -381,6 +381,78 @@ def test_group_configs() -> None:
     assert group_configs([]) == []
 
 
+def _admitting(capacity: int, queue: list[TrialConfig], log: list[tuple[int, int]]) -> Any:
+    """An ``admit`` that fills the stack back up to ``capacity`` from ``queue``."""
+
+    def admit(n_training: int) -> list[TrialConfig]:
+        taken = queue[: capacity - n_training]
+        del queue[: len(taken)]
+        log.append((n_training, len(taken)))
+        return taken
+
+    return admit
+
+
+def test_admitted_members_train_exactly_as_alone(small_digits: TensorSplits) -> None:
+    """Members that join a running stack (into places that early-stopped members freed) start at
+    their own epoch 1 and train as they would alone, whatever optimizer: Adam's bias correction
+    and Adagrad's decay count their own steps, not the stack's."""
+    initial = [MIXED[0], MIXED[2], MIXED[7], MIXED[5]]  # MIXED[2] stops after 3, [7] after 4
+    later = [MIXED[1], MIXED[3], MIXED[11], MIXED[13], MIXED[10]]
+    queue, admissions = list(later), []
+    calls: list[tuple[int, int]] = []
+    results = train_population(
+        initial,
+        small_digits,
+        on_epoch=lambda i, m: calls.append((i, m.epoch)),
+        admit=_admitting(4, queue, admissions),
+    )
+    assert admissions[:2] == [(3, 1), (3, 1)]  # after epochs 3 and 4, one place each
+    assert len(results) == len(initial) + sum(n for _, n in admissions)
+    admitted = later[: len(results) - len(initial)]
+    assert len(admitted) >= 2
+    for config, result in zip([*initial, *admitted], results, strict=True):
+        _assert_same_run(result, train_trial(config, small_digits), small_digits)
+    # the first admitted member (index 4, after the others in the stack) trained its epoch 1
+    # beside member 0's epoch 4
+    assert calls.index((0, 4)) < calls.index((4, 1)) < calls.index((0, 5))
+
+
+def test_admitted_batch_norm_members_count_their_own_batches(small_digits: TensorSplits) -> None:
+    base = {**BASE, "batch_norm": True, "activation": "tanh", "batch_size": 50}
+    initial = [
+        TrialConfig(**base, optimizer="sgd", learning_rate=0.1, seed=0),
+        TrialConfig(**base, optimizer="momentum", learning_rate=0.02, seed=2),
+    ]
+    later = [
+        TrialConfig(**base, optimizer="momentum", learning_rate=0.01, momentum=0.5, seed=3),
+        TrialConfig(**base, optimizer="sgd", learning_rate=0.03, weight_decay=1e-3, seed=1),
+    ]
+    leave_at = {1: 2}  # member 1 is pruned after its epoch 2: a place for member 2
+
+    def on_epoch(i: int, m: EpochMetrics) -> None:
+        if leave_at.get(i) == m.epoch:
+            raise _Prune("pruned")
+
+    queue: list[TrialConfig] = list(later)
+    results = train_population(
+        initial, small_digits, on_epoch=on_epoch, admit=_admitting(2, queue, [])
+    )
+    assert len(results) == 4 and not queue
+    for config, result in zip([initial[0], *later], [results[0], *results[2:]], strict=True):
+        _assert_same_run(result, train_trial(config, small_digits), small_digits)
+    solo = train_trial(replace(initial[1], max_epochs=2), small_digits)
+    _assert_same_run(replace(results[1], interrupted=None), solo, small_digits)
+
+
+def test_admitted_configs_must_fit_the_stack(small_digits: TensorSplits) -> None:
+    configs = [TrialConfig(**BASE, seed=s, patience=1, min_delta=1.0) for s in range(2)]
+    configs[1] = replace(configs[1], patience=None)
+    other = TrialConfig(**{**BASE, "hidden_layers": (8,)}, seed=5)
+    with pytest.raises(ValueError, match="admit: configs must share"):
+        train_population(configs, small_digits, admit=lambda n: [other])
+
+
 def test_results_account_for_the_wall_time(small_digits: TensorSplits) -> None:
     import time
 
