@@ -457,8 +457,7 @@ def build_batched_optimizer(
 
 
 class MixedBatchedOptimizer:
-    """Members of several optimizers in one stack: one batched optimizer per contiguous run
-    (per optimizer, and per admission of members: see ``extend``).
+    """Members of several optimizers in one stack: one batched optimizer per contiguous run.
 
     The stack is ordered so that each optimizer's members sit next to each other (see
     ``optimizer_order``); a run's update works on the ``[start:end]`` slices of the stacked
@@ -510,16 +509,6 @@ class MixedBatchedOptimizer:
         self.runs = runs
         self.n_members = start
         self._slices_key = None  # the runs' bounds moved
-
-    def extend(self, other: MixedBatchedOptimizer) -> None:
-        """Append ``other``'s runs after this optimizer's members (the stack was extended
-        likewise). Each run keeps its own state and step count, so an optimizer's members
-        admitted later form a run of their own beside the earlier one: Adam's bias
-        correction and Adagrad's decay count each member's own steps."""
-        offset = self.n_members
-        self.runs += [(start + offset, end + offset, run) for start, end, run in other.runs]
-        self.n_members += other.n_members
-        self._slices_key = None
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         for run, run_params, run_grads in self._slices(params, grads):

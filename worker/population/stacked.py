@@ -116,10 +116,7 @@ class StackedMLP:
 
         # Best-epoch snapshots: the initial state until a member's first finished epoch.
         self.best = [t.clone() for t in (*self.params, *self.buffers)]
-        # Batch norm's num_batches_tracked of member i is batches_tracked - batch_offset[i]
-        # (members admitted later by ``extend`` count from their own start).
-        self.batch_offset = [0] * len(models)
-        self.best_batches_tracked = [self.batches_tracked] * len(models)  # members' own counts
+        self.best_batches_tracked = [self.batches_tracked] * len(models)
         self._workspaces: dict[int, _Workspace] = {}
 
     @property
@@ -135,7 +132,6 @@ class StackedMLP:
         self.buffers = [t.index_select(0, index) for t in self.buffers]
         self.best = [t.index_select(0, index) for t in self.best]
         self.best_batches_tracked = [self.best_batches_tracked[i] for i in positions]
-        self.batch_offset = [self.batch_offset[i] for i in positions]
         self.keep_threshold = self.keep_threshold.index_select(0, index)
         self.scale = self.scale.index_select(0, index)
         self.grads = [torch.empty_like(p) for p in self.params]
@@ -149,37 +145,7 @@ class StackedMLP:
         for current, best in zip((*self.params, *self.buffers), self.best, strict=True):
             best.index_copy_(0, index, current.index_select(0, index))
         for i in positions:
-            self.best_batches_tracked[i] = self.batches_tracked - self.batch_offset[i]
-
-    def extend(self, other: StackedMLP) -> None:
-        """Append ``other``'s members after this stack's, as they are (weights, statistics,
-        snapshots); ``other`` (same architecture, device and matmul dtype) is spent. Dropout
-        masks then come from this stack's generator for all members."""
-        same = (
-            other.widths == self.widths
-            and other.n_features == self.n_features
-            and other.batch_norm == self.batch_norm
-            and other.activation == self.activation
-            and other.matmul_dtype == self.matmul_dtype
-            and other.device == self.device
-        )
-        if not same:
-            raise ValueError("StackedMLP.extend: the stacks differ in architecture or device")
-
-        def cat(mine: list[Tensor], theirs: list[Tensor]) -> list[Tensor]:
-            return [torch.cat([a, b]) for a, b in zip(mine, theirs, strict=True)]
-
-        self.params = cat(self.params, other.params)
-        self.buffers = cat(self.buffers, other.buffers)
-        self.best = cat(self.best, other.best)
-        self.grads = [torch.empty_like(p) for p in self.params]
-        shift = self.batches_tracked - other.batches_tracked  # their counter in ours
-        self.batch_offset += [shift + offset for offset in other.batch_offset]
-        self.best_batches_tracked += other.best_batches_tracked
-        self.keep_threshold = torch.cat([self.keep_threshold, other.keep_threshold])
-        self.scale = torch.cat([self.scale, other.scale])
-        self.has_dropout = self.has_dropout or other.has_dropout
-        self._workspaces.clear()
+            self.best_batches_tracked[i] = self.batches_tracked
 
     @torch.no_grad()
     def export_best(self, position: int, model: nn.Sequential) -> None:

@@ -17,8 +17,7 @@ rather than ~1e-6 (train losses still agree tightly). Two sequential runs with d
 thread counts drift the same way.
 
 Stack order: all members train in one stack, reordered so that each optimizer's members are
-adjacent (``optimizer_order``; one batched optimizer per run, ``MixedBatchedOptimizer``;
-members admitted later, see ``admit``, follow, ordered likewise among themselves);
+adjacent (``optimizer_order``; one batched optimizer per run, ``MixedBatchedOptimizer``);
 ``on_epoch`` is called in that order and results come back in the order of ``configs``. A
 population of one member runs the sequential code itself (``P = 1`` is exactly the sequential
 path) except with ``autocast="bf16"``, which only the batched path implements.
@@ -81,8 +80,6 @@ OnFinish = Callable[[list[tuple[int, TrialResult]]], None]
 # Called once per epoch, before the members' on_epoch calls, with every (index, metrics)
 # about to be passed to on_epoch: lets the caller write them all in one go.
 OnEpochs = Callable[[list[tuple[int, EpochMetrics]]], None]
-# Called when members left while others train on, with how many still train: configs to admit.
-Admit = Callable[[int], Sequence[TrialConfig]]
 
 
 def population_key(config: TrialConfig) -> tuple[object, ...]:
@@ -104,10 +101,8 @@ def train_population(
     autocast: str | None = None,
     on_epochs: OnEpochs | None = None,
     on_finish: OnFinish | None = None,
-    admit: Admit | None = None,
 ) -> list[TrialResult]:
-    """Train every config as ``train_trial`` would; results in the order of ``configs``
-    (then of the admitted ones, see ``admit``).
+    """Train every config as ``train_trial`` would; results in the order of ``configs``.
 
     All configs must share ``POPULATION_KEY_FIELDS`` (ValueError otherwise; see
     ``group_configs``). ``device`` defaults to the data's device; the data is moved there
@@ -130,16 +125,6 @@ def train_population(
     on training, so the caller can record them without waiting for the whole stack; members
     that leave with the last ones only come back in the returned list, which holds every
     member's result either way. An exception from it ends the population.
-
-    ``admit(n)``: called after ``on_finish`` with the number of members still training
-    (never 0: a stack whose last members left is over; never for a lone fp32 member, which
-    runs the sequential code). The configs it returns (the same
-    ``POPULATION_KEY_FIELDS``, else ValueError) join the stack at their own epoch 1 and
-    train beside the others, each exactly as it would alone, so places that pruned or
-    stopped members free are filled instead of the stack shrinking (a stack of 11 members
-    costs 0.28 ms per member and step on the bench's MLP, one of 2 0.39 ms). Admitted
-    configs are numbered on from ``len(configs)`` in ``on_epoch``, ``on_finish`` and the
-    returned list. An exception from it ends the population.
     """
     configs = list(configs)
     if not configs:
@@ -155,20 +140,19 @@ def train_population(
     with _matmul_precision(autocast, device):
         if len(configs) == 1 and autocast != "bf16":
             return [_train_alone(configs[0], 0, data, device, on_epoch)]
+        order = optimizer_order(configs)
         population = _Population(
-            configs,
+            [configs[i] for i in order],
+            order,
             data,
             device,
             on_epoch,
             torch.bfloat16 if autocast == "bf16" else None,
             on_epochs,
             on_finish,
-            admit,
         )
-        finished = population.run()
-    results += [None] * (len(finished) - len(results))
-    for index, result in finished.items():
-        results[index] = result
+        for i, result in zip(order, population.run(), strict=True):
+            results[i] = result
     return [r for r in results if r is not None]
 
 
@@ -236,14 +220,13 @@ def _result(
 class _Member:
     """One trial's bookkeeping; the weights live in the stack while it trains."""
 
-    index: int  # position in train_population's configs (admitted ones numbered on)
+    index: int  # position in train_population's configs
     config: TrialConfig
     model: nn.Sequential  # build_mlp's model: initial weights, then the exported best
     order: torch.Generator
     lr_holder: torch.optim.Optimizer  # owns the lr that the member's scheduler updates
     scheduler: LRScheduler | None
     history: list[EpochMetrics] = field(default_factory=list)
-    epoch: int = 0  # the member's own epoch (members admitted later are behind the others)
     best: EpochMetrics | None = None
     bad_epochs: int = 0
     stopped_early: bool = False
@@ -270,29 +253,26 @@ class _Member:
 
 
 class _Population:
-    """Members that share architecture, batch size and max_epochs, each optimizer's adjacent
-    (per admission: members admitted together are ordered by optimizer among themselves)."""
+    """Members that share architecture, batch size and max_epochs, each optimizer's adjacent."""
 
     def __init__(
         self,
         configs: list[TrialConfig],
+        indices: list[int],
         data: TensorSplits,
         device: torch.device,
         on_epoch: OnEpoch | None,
         matmul_dtype: torch.dtype | None,
         on_epochs: OnEpochs | None = None,
         on_finish: OnFinish | None = None,
-        admit: Admit | None = None,
     ) -> None:
+        started = time.perf_counter()
         self.data = data
         self.device = device
         self.on_epoch = on_epoch
         self.on_epochs = on_epochs
         self.on_finish = on_finish
-        self.admit = admit
-        self.matmul_dtype = matmul_dtype
         first = configs[0]
-        self.key = population_key(first)
         self.max_epochs = first.max_epochs
         n_train, batch_size = int(data.y_train.shape[0]), first.batch_size
         # (batch number, start, size) of every minibatch the sequential loop trains on.
@@ -303,31 +283,20 @@ class _Population:
         ]
         if not self.steps:
             raise ValueError("train_population: no usable minibatch in the training split")
-        self.members, self.stack, self.optimizer = self._build(configs, 0)
-        self.X_train = self.stack.inputs_for(data.X_train)  # once per population
-
-    def _build(
-        self, configs: Sequence[TrialConfig], first_index: int
-    ) -> tuple[list[_Member], StackedMLP, MixedBatchedOptimizer]:
-        """Members for ``configs`` (indices from ``first_index``), ordered by optimizer, with
-        their stack and optimizer; the build time is shared among them."""
-        started = time.perf_counter()
-        order = optimizer_order(configs)
-        ordered = [configs[i] for i in order]
-        members = [self._member(configs[i], first_index + i) for i in order]
-        stack = StackedMLP(
-            [m.model for m in members],
-            activation=ordered[0].activation,
-            dropouts=[c.dropout for c in ordered],
-            device=self.device,
-            dropout_seed=_mixed_seed(ordered),
-            matmul_dtype=self.matmul_dtype,
+        self.members = [self._member(c, i) for c, i in zip(configs, indices, strict=True)]
+        self.stack = StackedMLP(
+            [m.model for m in self.members],
+            activation=first.activation,
+            dropouts=[c.dropout for c in configs],
+            device=device,
+            dropout_seed=_mixed_seed(configs),
+            matmul_dtype=matmul_dtype,
         )
-        optimizer = MixedBatchedOptimizer(ordered, stack.params)
-        setup_share = (time.perf_counter() - started) / len(members)
-        for m in members:
+        self.optimizer = MixedBatchedOptimizer(configs, self.stack.params)
+        self.X_train = self.stack.inputs_for(data.X_train)  # once per population
+        setup_share = (time.perf_counter() - started) / len(configs)
+        for m in self.members:
             m.duration_s += setup_share
-        return members, stack, optimizer
 
     def _member(self, config: TrialConfig, index: int) -> _Member:
         rng_devices = [self.device] if self.device.type == "cuda" else []
@@ -345,11 +314,12 @@ class _Population:
             scheduler=build_scheduler(lr_holder, config),
         )
 
-    def run(self) -> dict[int, TrialResult]:
-        """Train until every member has left; each member's result by its index."""
+    def run(self) -> list[TrialResult]:
         active = list(self.members)
-        while active:
-            leaving = self._epoch(active)
+        for epoch in range(1, self.max_epochs + 1):
+            if not active:
+                break
+            leaving = self._epoch(epoch, active)
             if leaving:
                 for pos in leaving:
                     self._finish(pos, active[pos])
@@ -362,23 +332,7 @@ class _Population:
                 if active:
                     self.stack.select(kept)
                     self.optimizer.select(torch.tensor(kept, dtype=torch.int64))
-                    if self.admit is not None:
-                        active += self._admit(self.admit(len(active)))
-        return {m.index: self._result(m) for m in self.members}
-
-    def _admit(self, configs: Sequence[TrialConfig]) -> list[_Member]:
-        """Add ``configs`` to the stack at their epoch 1; the new members."""
-        configs = list(configs)
-        if not configs:
-            return []
-        if any(population_key(c) != self.key for c in configs):
-            fields = ", ".join(POPULATION_KEY_FIELDS)
-            raise ValueError(f"admit: configs must share the population's {fields}")
-        members, stack, optimizer = self._build(configs, len(self.members))
-        self.stack.extend(stack)
-        self.optimizer.extend(optimizer)
-        self.members += members
-        return members
+        return [self._result(m) for m in self.members]
 
     @staticmethod
     def _result(m: _Member) -> TrialResult:
@@ -393,11 +347,9 @@ class _Population:
             model=m.model,
         )
 
-    def _epoch(self, active: list[_Member]) -> list[int]:
+    def _epoch(self, epoch: int, active: list[_Member]) -> list[int]:
         """Train, validate and report one epoch; the stack positions of members that leave."""
         started = time.perf_counter()
-        for m in active:
-            m.epoch += 1
         data, stack, P = self.data, self.stack, len(active)
         lrs = [m.lr for m in active]
         self.optimizer.set_lr(lrs)
@@ -430,14 +382,14 @@ class _Population:
                 slot = int((~finite[:, pos]).nonzero()[0])
                 value = float(losses_h[slot, pos])
                 batch = self.steps[slot][0]
-                m.diverged_reason = f"train loss became {value} at epoch {m.epoch}, batch {batch}"
+                m.diverged_reason = f"train loss became {value} at epoch {epoch}, batch {batch}"
                 continue
             val_loss = float(val_loss_h[pos]) / n_val
             if not math.isfinite(val_loss):
-                m.diverged_reason = f"validation loss became {val_loss} at epoch {m.epoch}"
+                m.diverged_reason = f"validation loss became {val_loss} at epoch {epoch}"
                 continue
             metrics = EpochMetrics(
-                epoch=m.epoch,
+                epoch=epoch,
                 train_loss=float(train_loss[pos]),
                 train_accuracy=int(correct_h[pos]) / n_used,
                 val_loss=val_loss,
@@ -478,10 +430,10 @@ class _Population:
                 finally:
                     m.duration_s += time.perf_counter() - called
             patience = m.config.patience
-            if patience is not None and m.bad_epochs >= patience and m.epoch < self.max_epochs:
+            if patience is not None and m.bad_epochs >= patience and epoch < self.max_epochs:
                 m.stopped_early = True
                 leaving.append(pos)
-            elif m.epoch == self.max_epochs:
+            elif epoch == self.max_epochs:
                 leaving.append(pos)
         return leaving
 
