@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
 import optuna
 
@@ -52,10 +53,13 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
         release_unasked(ctx, n - len(trials))
     outcomes: dict[int, TrialOutcome] = {}
 
-    def tell(finished: list[tuple[tuple[optuna.Trial, TrialConfig], TrialResult]]) -> None:
+    def tell(
+        finished: list[tuple[tuple[optuna.Trial, TrialConfig], TrialResult]],
+        stack: dict[str, Any],
+    ) -> None:
         """Finish trained members, best first (see _best_first), and keep their outcomes."""
         ordered = _best_first(rt.study, finished)
-        outcomes.update(finish_trials(ctx, [(t, r) for (t, _), r in ordered]))
+        outcomes.update(finish_trials(ctx, [(t, r) for (t, _), r in ordered], stack))
 
     with Heartbeat(rt.study._storage, [t._trial_id for t in trials]):
         prepared, unprepared = prepare_population(ctx, trials)
@@ -64,6 +68,10 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
             ctx.pruning.reset()  # the previous stack's trials are finished: epoch 1 again
             members = [prepared[i] for i in group]
             hooks = [epoch_hook(ctx, t) for t, _ in members]
+            # Recorded with each member: which trials trained together (their durations are
+            # shares of this stack's time, and they were pruned against trials finished
+            # before it started).
+            stack = {"population": _stack_attr([t for t, _ in members])}
 
             def on_epoch(i: int, m: EpochMetrics, hooks: list = hooks) -> None:  # type: ignore[type-arg]
                 hooks[i](m)
@@ -77,12 +85,13 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
             def on_finish(
                 batch: list[tuple[int, TrialResult]],
                 members: list[tuple[optuna.Trial, TrialConfig]] = members,
+                stack: dict[str, Any] = stack,
             ) -> None:
                 # Members leaving while the stack trains on (pruned, stopped early) are told
                 # now: the dashboard shows them finished, and a worker killed later in the
                 # stack loses only the members still training.
                 with uninterruptible():
-                    tell([(members[i], r) for i, r in batch])
+                    tell([(members[i], r) for i, r in batch], stack)
 
             try:
                 with interruptible():
@@ -105,11 +114,17 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
                     (m, r)
                     for m, r in zip(members, results, strict=True)
                     if m[0].number not in outcomes
-                ]
+                ],
+                stack,
             )
     if any(o.outcome in _TOLD for o in outcomes.values()):
         count_finished_into_job(ctx)
     return [outcomes[t.number] for t in trials]
+
+
+def _stack_attr(trials: list[optuna.Trial]) -> dict[str, Any]:
+    """The ``population`` user attribute of a stack's members: its size, their numbers."""
+    return {"size": len(trials), "trials": sorted(t.number for t in trials)}
 
 
 _TOLD = (Outcome.COMPLETE, Outcome.PRUNED, Outcome.DIVERGED)

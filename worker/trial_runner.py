@@ -610,12 +610,15 @@ def finish(ctx: TrialContext, trial: optuna.Trial, result: TrialResult) -> Trial
 
 
 def finish_trials(
-    ctx: TrialContext, trained: Sequence[tuple[optuna.Trial, TrialResult]]
+    ctx: TrialContext,
+    trained: Sequence[tuple[optuna.Trial, TrialResult]],
+    attrs: dict[str, Any] | None = None,
 ) -> dict[int, TrialOutcome]:
     """Finish trained trials (one, or a population's members), by trial number: each is
     settled (evaluated, and its weights saved if it is the job's new best), then all are
-    recorded and told in one transaction (``tell_trials``). A member that training stopped
-    for another reason than pruning takes ``finish_interrupted``'s way.
+    recorded and told in one transaction (``tell_trials``), each with ``attrs`` besides its
+    own results. A member that training stopped for another reason than pruning takes
+    ``finish_interrupted``'s way.
 
     Give them best first: only the first one settled COMPLETE is checked for a new best (the
     others are no better than it, whether it was the best or not), so a population evaluates
@@ -644,6 +647,7 @@ def finish_trials(
             outcomes[trial.number] = _abandon(ctx, trial, e)
             continue
         may_be_best = may_be_best and settlement.state != TrialState.COMPLETE
+        settlement.attrs.update(attrs or {})
         settled.append((trial, settlement))
     outcomes.update(_tell_settled(ctx, settled))
     return outcomes

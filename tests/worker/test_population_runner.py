@@ -165,3 +165,30 @@ def test_a_member_failed_before_its_claim_fails_alone(
     others = [t for n, t in by_number.items() if n != failed[0] and n < 3]
     assert [t.state for t in others] == [TrialState.COMPLETE] * 2
     assert all(t.params and "hpo_worker" in t.system_attrs for t in others)
+
+
+def test_each_member_records_the_stack_it_trained_in(tmp_path: Path) -> None:
+    settings, study, _, _ = submit_job(
+        tmp_path,
+        4,
+        n_trials=10,
+        training={"max_epochs": 3, "early_stopping": None},
+        pruner={"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
+    )
+    assert Worker(settings, once=True).run() == 10
+    stacks = {}
+    for t in study.trials:
+        assert t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        stack = t.user_attrs["population"]
+        assert t.number in stack["trials"] and stack["size"] == len(stack["trials"])
+        stacks[t.number] = tuple(stack["trials"])
+    # the stacks partition the job's trials: every member names the same stack-mates
+    assert all(stacks[n] == stack for stack in set(stacks.values()) for n in stack)
+    assert sorted(n for stack in set(stacks.values()) for n in stack) == list(range(10))
+    assert len(set(stacks.values())) >= 3  # 2 start-up trials, then stacks of at most 4
+
+
+def test_a_sequential_trial_records_no_stack(tmp_path: Path) -> None:
+    settings, study, _, _ = submit_job(tmp_path, 1, n_trials=2, training={"max_epochs": 2})
+    assert Worker(settings, once=True).run() == 2
+    assert all("population" not in t.user_attrs for t in study.trials)
