@@ -241,10 +241,10 @@ class StackedMLP:
         dl = lsm.exp_().mul_(1.0 / b).scatter_add_(1, y_row, ws.neg_inv_b)
         dl_rows = dl.transpose(1, 2)  # [P, b, C]
 
-        self._bmm(h.transpose(1, 2), dl_rows, out=grads[w], dtype=self.out_dtype)
+        _bmm(h.transpose(1, 2), dl_rows, out=grads[w], dtype=self.out_dtype)
         torch.sum(dl, dim=2, out=grads[bias])
         if self.n_hidden:
-            self._bmm(dl_rows, params[w].transpose(1, 2), out=ws.dh[-1], dtype=self.out_dtype)
+            _bmm(dl_rows, params[w].transpose(1, 2), out=ws.dh[-1], dtype=self.out_dtype)
         for layer in reversed(range(self.n_hidden)):
             dh = ws.dh[layer]
             if self.has_dropout:
@@ -255,12 +255,10 @@ class StackedMLP:
                 dz = self._bn_backward(layer, dz, ws)
             w, bias = self._linear_at[layer]
             h_in = ws.x if layer == 0 else ws.out[layer - 1]
-            self._bmm(h_in.transpose(1, 2), dz, out=grads[w], dtype=self.matmul_dtype)
+            _bmm(h_in.transpose(1, 2), dz, out=grads[w], dtype=self.matmul_dtype)
             torch.sum(dz, dim=1, out=grads[bias])
             if layer > 0:
-                self._bmm(
-                    dz, params[w].transpose(1, 2), out=ws.dh[layer - 1], dtype=self.matmul_dtype
-                )
+                _bmm(dz, params[w].transpose(1, 2), out=ws.dh[layer - 1], dtype=self.matmul_dtype)
         if self.batch_norm:
             self.batches_tracked += 1
         return correct
@@ -375,13 +373,6 @@ class StackedMLP:
         a, b = weight.transpose(1, 2), h.transpose(1, 2)
         return _affine(a, b, bias.unsqueeze(2), out=out, dtype=self.out_dtype)
 
-    @staticmethod
-    def _bmm(a: Tensor, b: Tensor, *, out: Tensor, dtype: torch.dtype | None) -> Tensor:
-        """``out`` = a @ b, the matmul in ``dtype`` (None: fp32)."""
-        if dtype is None:
-            return torch.bmm(a, b, out=out)
-        return out.copy_(torch.bmm(a.to(dtype), b.to(dtype)))
-
     def _workspace(self, b: int) -> _Workspace:
         ws = self._workspaces.get(b)
         if ws is None:
@@ -492,6 +483,13 @@ def _affine(
     if dtype is None:
         return torch.baddbmm(bias, a, b, out=out)
     return torch.add(torch.bmm(a.to(dtype), b.to(dtype)), bias, out=out)
+
+
+def _bmm(a: Tensor, b: Tensor, *, out: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``out`` = a @ b, the matmul in ``dtype`` (None: fp32)."""
+    if dtype is None:
+        return torch.bmm(a, b, out=out)
+    return out.copy_(torch.bmm(a.to(dtype), b.to(dtype)))
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # random_'s [from, to): all 64-bit patterns but one
