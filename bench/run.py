@@ -391,7 +391,8 @@ def run_service(
             # The one-off costs the engine contenders pay in their untimed warm-up (the dataset
             # read and split into each worker process's cache, first calls into torch's
             # kernels), paid here the way a long-lived worker paid them for earlier jobs on
-            # the same data: a short job first, one trial per worker process.
+            # the same data: a short job first, two one-epoch trials per worker process (in
+            # the checks made, every process took some; nothing forces it).
             warm_up = _warm_up_spec(spec)
             warm_up["n_trials"] = max(warm_up["n_trials"], 2 * n_ready)
             _submit_and_wait(client, warm_up)

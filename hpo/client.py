@@ -123,21 +123,22 @@ def follow(api: Api, job_id: str) -> Iterator[dict[str, Any]]:
     """The job as the server reports it, once at first and then after each change, until it
     ends (the last one yielded). Each request is a long poll (``Prefer: wait``): the server
     answers when the job changes, so this moves as trials finish and stops as soon as the job
-    ends, with one request per change or per wait rather than per second."""
+    ends, with one request per change or per wait rather than per second. (A server without
+    ETags is asked once a second, and each answer is yielded.)"""
     r = api.request("GET", f"/jobs/{job_id}")
-    job = r.json()
-    while True:
-        yield job
-        if job["state"] in TERMINAL_STATES:
-            return
+    job, etag = r.json(), r.headers.get("etag")
+    yield job
+    while job["state"] not in TERMINAL_STATES:
         headers = {"Prefer": f"wait={WAIT_S:g}"}
-        if etag := r.headers.get("etag"):
+        if etag:
             headers["If-None-Match"] = etag
         else:  # a server without long polling answers at once: do not spin
             time.sleep(1.0)
         r = api.request("GET", f"/jobs/{job_id}", headers=headers)
-        if r.status_code != 304:
-            job = r.json()
+        if r.status_code == 304:  # no change within the wait
+            continue
+        job, etag = r.json(), r.headers.get("etag")
+        yield job
 
 
 def _wait(api: Api, job_id: str, objective: str) -> dict[str, Any]:
@@ -145,9 +146,9 @@ def _wait(api: Api, job_id: str, objective: str) -> dict[str, Any]:
     from hpo.progress import JobProgress
 
     updates = follow(api, job_id)
-    job = next(updates)
-    with JobProgress(job["n_trials"], objective=objective, console=err_console) as progress:
-        for job in itertools.chain([job], updates):
+    job = first = next(updates)
+    with JobProgress(first["n_trials"], objective=objective, console=err_console) as progress:
+        for job in itertools.chain([first], updates):
             c = job["trial_counts"]
             best = job["best"]["value"] if job.get("best") else None
             progress.update(

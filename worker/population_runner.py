@@ -70,8 +70,9 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
             hooks = [epoch_hook(ctx, t) for t, _ in members]
             # Recorded with each member: which trials trained together (their durations are
             # shares of this stack's time, and they were pruned against trials finished
-            # before it started).
-            stack = {"population": _stack_attr([t for t, _ in members])}
+            # before it started). A lone fp32 member trains as a sequential trial: none.
+            alone = len(members) == 1 and precision == "fp32"
+            stack = {} if alone else {"population": _stack_attr([t for t, _ in members])}
 
             def on_epoch(i: int, m: EpochMetrics, hooks: list = hooks) -> None:  # type: ignore[type-arg]
                 hooks[i](m)

@@ -192,3 +192,28 @@ def test_a_sequential_trial_records_no_stack(tmp_path: Path) -> None:
     settings, study, _, _ = submit_job(tmp_path, 1, n_trials=2, training={"max_epochs": 2})
     assert Worker(settings, once=True).run() == 2
     assert all("population" not in t.user_attrs for t in study.trials)
+
+
+def test_a_stack_of_one_fp32_member_trains_and_records_as_a_sequential_trial(
+    tmp_path: Path,
+) -> None:
+    """A population whose trials differ in architecture trains one stack per architecture; a
+    stack of one fp32 member runs the sequential code and records no stack."""
+    space = {
+        "parameters": {
+            "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+            "hidden_width": {"type": "categorical", "choices": [8, 16, 24, 32, 40, 48]},
+        }
+    }
+    settings, study, _, _ = submit_job(tmp_path, 4, n_trials=4, search_space=space)
+    assert Worker(settings, once=True).run() == 4
+    by_width: dict[int, list[optuna.trial.FrozenTrial]] = {}
+    for t in study.trials:
+        by_width.setdefault(t.params["hidden_width"], []).append(t)
+    assert any(len(ts) == 1 for ts in by_width.values())  # the sampler's seed makes one
+    for ts in by_width.values():
+        for t in ts:
+            if len(ts) == 1:
+                assert "population" not in t.user_attrs
+            else:
+                assert t.user_attrs["population"]["trials"] == sorted(u.number for u in ts)
