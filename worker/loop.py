@@ -47,6 +47,7 @@ from service.studies import (
 from service.submission import estimate_parameters
 from worker.population_runner import run_population
 from worker.runtime import JobRuntime, RuntimeCache, warm_up
+from worker.stop_flag import StopFlag
 from worker.training import EpochMetrics
 from worker.training.numerics import denormals_flushed, flush_denormals
 from worker.trial_runner import (
@@ -87,7 +88,8 @@ class Worker:
     on_ready: Callable[[], None] | None = None  # called once, when the loop starts taking trials
     trials_run: int = 0
     denormals: str = "unset"  # how run() left denormal floats: "flushed", "kept", "... partly"
-    _stop: threading.Event = field(default_factory=threading.Event)
+    # Set by the SIGTERM/SIGINT handler: a StopFlag, as threading.Event.set can deadlock there.
+    _stop: StopFlag = field(default_factory=StopFlag)
 
     def __post_init__(self) -> None:
         url = self.settings.resolved_database_url
