@@ -130,18 +130,27 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32) -> float:
 
 
 def flops_per_model_epoch(
-    n_features: int, hidden: list[int], n_classes: int, n_train: int, n_val: int
+    n_features: int,
+    hidden: list[int],
+    n_classes: int,
+    n_train: int,
+    n_val: int,
+    n_live: int | None = None,
 ) -> float:
     """Matmul FLOPs of one model-epoch, counting only what training needs.
 
     Per training row: the forward pass (2 FLOPs per weight), the weight gradients (2 per
     weight) and the input gradients of every layer but the first (nobody needs the gradient
     with respect to the data, and neither autograd nor the population trainer computes it);
-    per validation row, the forward pass.
+    per validation row, the forward pass. ``n_live``: the features nonzero in some training
+    row (default all); the others add exactly 0 to every training product, so the first
+    layer's training FLOPs count only the live ones (the canonical loop multiplies them all
+    the same, the population trainer skips them); validation counts every feature.
     """
     widths = [n_features, *hidden, n_classes]
     macs = [a * b for a, b in itertools.pairwise(widths)]
-    per_train_row = 2 * sum(macs) + 2 * sum(macs) + 2 * sum(macs[1:])
+    train_macs = [(n_features if n_live is None else n_live) * widths[1], *macs[1:]]
+    per_train_row = 2 * sum(train_macs) + 2 * sum(train_macs) + 2 * sum(macs[1:])
     return float(per_train_row * n_train + 2 * sum(macs) * n_val)
 
 
@@ -599,12 +608,14 @@ def main() -> int:
     from service.spec import JobSpec
 
     data = load_data(setup, JobSpec.model_validate(job_spec(setup, "x")))
+    n_live = int((data.X_train != 0).any(dim=0).sum())
     fpe = flops_per_model_epoch(
         int(data.X_train.shape[1]),
         setup.hidden,
         int(data.n_classes),
         int(data.X_train.shape[0]),
         int(data.X_val.shape[0]),
+        n_live,
     )
     base = results[0]
     for r in results:
@@ -643,6 +654,8 @@ def main() -> int:
             {
                 "setup": asdict(setup),
                 "matmul_peak_gflops": peak,
+                "live_features": n_live,
+                "flops_per_model_epoch": fpe,
                 "matmul_peak_gflops_bf16": peak_bf16,
                 "matmul_peak_measurements_gflops": peaks[torch.float32],
                 "matmul_peak_measurements_gflops_bf16": peaks[torch.bfloat16],

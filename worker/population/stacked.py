@@ -22,6 +22,16 @@ Per-member semantics, equal to ``nn.Sequential`` from ``build_mlp`` trained alon
   probability is rounded to a multiple of 1/65536: masks are drawn from 16-bit numbers);
 - the loss is each member's mean cross-entropy over its minibatch, and the gradient of
   member j's loss reaches only member j's slices: members never mix.
+
+Input features that are 0 in every training row (``live_features``; after standardisation
+every feature constant over the training split, e.g. MNIST's border pixels: 121 of 784 in
+the bench's 7,000 training images) add exactly 0 to every training product, and the
+weights that read them get exactly 0 from the data (the optimizer still applies weight decay
+to them). So the first layer's training matmuls skip them: its weight rows are stored live
+features first (``feature_order``) and the training step multiplies only the first
+``n_live`` rows and sets the others' gradient to 0. Evaluation and
+``export_best`` use every feature in the data's order: a validation or test row may be
+nonzero where no training row is.
 """
 
 from __future__ import annotations
@@ -63,7 +73,11 @@ class StackedMLP:
         device: torch.device,
         dropout_seed: int = 0,
         matmul_dtype: torch.dtype | None = None,
+        live: Tensor | None = None,
     ) -> None:
+        """``live``: bool [n_features], the features nonzero in some training row
+        (``live_features`` of the training inputs); None: every feature. ``train_step`` then
+        takes inputs of only those features, as ``inputs_for`` returns them."""
         if not models or len(models) != len(dropouts):
             raise ValueError("StackedMLP: need one dropout rate per model, at least one model")
         linears = [[m for m in model if isinstance(m, nn.Linear)] for model in models]
@@ -83,6 +97,25 @@ class StackedMLP:
         self.device = device
         self.widths = [lin.out_features for lin in linears[0]]
         self.n_features = linears[0][0].in_features
+        # The first layer's weight rows: live features first (see the module doc), or None
+        # when every feature is live (or none is: then there is nothing to skip either).
+        self.feature_order: Tensor | None = None
+        self._live_columns: Tensor | None = None  # the live features, in the data's order
+        self._data_rows: Tensor | None = None  # feature_order's inverse permutation
+        self.n_live = self.n_features
+        if live is not None:
+            if live.shape != (self.n_features,) or live.dtype != torch.bool:
+                raise ValueError(
+                    f"StackedMLP: live must be bool of shape ({self.n_features},), "
+                    f"got {live.dtype} {tuple(live.shape)}"
+                )
+            n_live = int(live.sum())
+            if 0 < n_live < self.n_features:
+                order = torch.cat([live.nonzero().view(-1), (~live).nonzero().view(-1)])
+                self.feature_order = order.to(device)
+                self._live_columns = self.feature_order[:n_live]
+                self._data_rows = torch.argsort(self.feature_order)
+                self.n_live = n_live
         if self.batch_norm:
             bn = norms[0][0]
             self.bn_momentum = 0.1 if bn.momentum is None else float(bn.momentum)
@@ -98,7 +131,10 @@ class StackedMLP:
         self._norm_at: list[tuple[int, int]] = []
         for layer in range(self.n_hidden + 1):
             self._linear_at.append((len(self.params), len(self.params) + 1))
-            self.params.append(stack([lin[layer].weight.t() for lin in linears]))
+            weight = stack([lin[layer].weight.t() for lin in linears])
+            if layer == 0 and self.feature_order is not None:
+                weight = weight.index_select(1, self.feature_order)
+            self.params.append(weight)
             self.params.append(stack([lin[layer].bias for lin in linears]))
             if self.batch_norm and layer < self.n_hidden:
                 self._norm_at.append((len(self.params), len(self.params) + 1))
@@ -155,8 +191,11 @@ class StackedMLP:
         best_params, best_buffers = self.best[:n_params], self.best[n_params:]
         linears = [m for m in model if isinstance(m, nn.Linear)]
         norms = [m for m in model if isinstance(m, nn.BatchNorm1d)]
-        for lin, (w, b) in zip(linears, self._linear_at, strict=True):
-            lin.weight.copy_(best_params[w][position].t())
+        for layer, (lin, (w, b)) in enumerate(zip(linears, self._linear_at, strict=True)):
+            weight = best_params[w][position]
+            if layer == 0:
+                weight = self._data_order(weight)
+            lin.weight.copy_(weight.t())
             lin.bias.copy_(best_params[b][position])
         for i, (bn, (g, s)) in enumerate(zip(norms, self._norm_at, strict=True)):
             bn.weight.copy_(best_params[g][position])
@@ -168,12 +207,15 @@ class StackedMLP:
     # -- training --------------------------------------------------------------------------
 
     def inputs_for(self, X: Tensor) -> Tensor:
-        """``X`` as ``train_step`` gathers it: in the matmul dtype (bf16) when there is one.
+        """``X`` as ``train_step`` gathers it: its live features, in the matmul dtype if any.
 
         Converting the whole split once is the same rounding the matmul would apply to each
         gathered minibatch, so results are identical; each step then gathers half the bytes and
         skips two conversions of its [P, batch, features] input (forward and weight gradient).
+        Likewise the live columns are picked once, not from every minibatch.
         """
+        if self._live_columns is not None:
+            X = X.index_select(1, self._live_columns)
         return X if self.matmul_dtype is None else X.to(self.matmul_dtype)
 
     def train_step(self, X: Tensor, y: Tensor, rows: Tensor, loss_out: Tensor) -> Tensor:
@@ -185,6 +227,11 @@ class StackedMLP:
         """
         P = self.n_members
         b = int(rows.numel()) // P
+        if X.shape[1] != self.n_live:
+            raise ValueError(
+                f"train_step: X has {X.shape[1]} features, the stack trains on {self.n_live} "
+                "live ones: pass inputs_for(X)"
+            )
         ws = self._workspace(b)
         if X.dtype == ws.x.dtype:
             torch.index_select(X, 0, rows, out=ws.x.view(P * b, -1))
@@ -197,7 +244,8 @@ class StackedMLP:
         for layer in range(self.n_hidden):
             w, bias = self._linear_at[layer]
             z = ws.z[layer]
-            self._linear(h, params[w], params[bias], out=z)
+            weight = params[w][:, : self.n_live] if layer == 0 else params[w]
+            self._linear(h, weight, params[bias], out=z)
             pre = self._bn_train(layer, z, ws) if self.batch_norm else z
             ws.pre[layer] = pre
             a = ws.a[layer]
@@ -256,7 +304,12 @@ class StackedMLP:
                 dz = self._bn_backward(layer, dz, ws)
             w, bias = self._linear_at[layer]
             h_in = ws.x if layer == 0 else ws.out[layer - 1]
-            _bmm(h_in.transpose(1, 2), dz, out=grads[w], dtype=self.matmul_dtype)
+            grad_w = grads[w]
+            if layer == 0 and self.feature_order is not None:
+                # Every step, as the optimizers may update gradients in place (coupled decay).
+                grad_w[:, self.n_live :].zero_()
+                grad_w = grad_w[:, : self.n_live]
+            _bmm(h_in.transpose(1, 2), dz, out=grad_w, dtype=self.matmul_dtype)
             torch.sum(dz, dim=1, out=grads[bias])
             if layer > 0:
                 _bmm(dz, params[w].transpose(1, 2), out=ws.dh[layer - 1], dtype=self.matmul_dtype)
@@ -321,7 +374,8 @@ class StackedMLP:
         # Layer 0 for all members as one [rows, F] @ [F, P * width] matmul: X is shared.
         w0, b0 = self._linear_at[0]
         width0 = self.widths[0]
-        w_first = self.params[w0].permute(1, 0, 2).reshape(self.n_features, P * width0)
+        w_first = self._data_order(self.params[w0].transpose(0, 1))  # [F, P, width]
+        w_first = w_first.reshape(self.n_features, P * width0)
         b_first = self.params[b0].reshape(P * width0)
         for start in range(0, n, rows):
             xc, yc = X[start : start + rows], y[start : start + rows]
@@ -365,6 +419,10 @@ class StackedMLP:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def _data_order(self, rows: Tensor) -> Tensor:
+        """First-layer weight rows (dim 0) from the stack's feature order to the data's."""
+        return rows if self._data_rows is None else rows.index_select(0, self._data_rows)
+
     def _linear(self, h: Tensor, weight: Tensor, bias: Tensor, *, out: Tensor) -> Tensor:
         """A hidden layer: ``out`` [P, rows, out] = h @ weight + bias."""
         return _affine(h, weight, bias.unsqueeze(1), out=out, dtype=self.matmul_dtype)
@@ -380,7 +438,7 @@ class StackedMLP:
             ws = _Workspace.allocate(
                 self.n_members,
                 b,
-                self.n_features,
+                self.n_live,
                 self.widths,
                 self.device,
                 batch_norm=self.batch_norm,
@@ -494,6 +552,11 @@ def _bmm(a: Tensor, b: Tensor, *, out: Tensor, dtype: torch.dtype | None) -> Ten
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # random_'s [from, to): all 64-bit patterns but one
+
+
+def live_features(X: Tensor) -> Tensor:
+    """Bool [n_features]: the features nonzero in some row of ``X`` (see the module doc)."""
+    return (X != 0).any(dim=0)
 
 
 class _RandomBits:

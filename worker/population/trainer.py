@@ -51,7 +51,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from worker.population.grouping import grouped_indices
 from worker.population.optimizers import MixedBatchedOptimizer, optimizer_order
-from worker.population.stacked import StackedMLP
+from worker.population.stacked import StackedMLP, live_features
 from worker.training import (
     EpochMetrics,
     TensorSplits,
@@ -284,6 +284,9 @@ class _Population:
         if not self.steps:
             raise ValueError("train_population: no usable minibatch in the training split")
         self.members = [self._member(c, i) for c, i in zip(configs, indices, strict=True)]
+        # Per worker process, not per stack: the features the training rows use, and the
+        # training inputs restricted to them (see worker.population.stacked).
+        live = data.derived("population.live_features", lambda: live_features(data.X_train))
         self.stack = StackedMLP(
             [m.model for m in self.members],
             activation=first.activation,
@@ -291,9 +294,13 @@ class _Population:
             device=device,
             dropout_seed=_mixed_seed(configs),
             matmul_dtype=matmul_dtype,
+            live=live,
         )
         self.optimizer = MixedBatchedOptimizer(configs, self.stack.params)
-        self.X_train = self.stack.inputs_for(data.X_train)  # once per population
+        self.X_train = data.derived(
+            ("population.train_inputs", matmul_dtype),
+            lambda: self.stack.inputs_for(data.X_train),
+        )
         setup_share = (time.perf_counter() - started) / len(configs)
         for m in self.members:
             m.duration_s += setup_share

@@ -6,7 +6,9 @@ only moves it to the device once per worker process so every trial reuses the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from service.errors import DatasetError
 from worker.cpus import available_cpus
 
 _SPLITS = ("train", "val", "test")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -32,6 +35,10 @@ class TensorSplits:
     X_test: torch.Tensor
     y_test: torch.Tensor
     n_classes: int = 0
+    # Tensors derived from the splits (see ``derived``), kept as long as the splits are.
+    _derived: dict[Hashable, Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         device = self.X_train.device
@@ -76,6 +83,16 @@ class TensorSplits:
     @property
     def device(self) -> torch.device:
         return self.X_train.device
+
+    def derived(self, key: Hashable, make: Callable[[], _T]) -> _T:
+        """``make()``, computed once per splits object and ``key`` and then reused.
+
+        For tensors derived from the (immutable) splits that every trial of a worker process
+        would otherwise recompute: e.g. a population's training inputs (``worker.population``).
+        """
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]  # type: ignore[no-any-return]
 
     def to(self, device: torch.device | str) -> TensorSplits:
         """The same splits on ``device`` (self if already there)."""

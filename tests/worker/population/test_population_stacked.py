@@ -276,3 +276,107 @@ def test_bf16_stack_keeps_the_output_layer_fp32_unless_it_reads_the_inputs(
 
 def bias_of(stack: StackedMLP, index: int) -> torch.Tensor:
     return stack.params[index].unsqueeze(2)  # [P, C, 1]: broadcast over the batch
+
+
+# -- input features that no training row uses ----------------------------------------------
+
+_DEAD = [0, 3, 4]  # of 6 features: zero in every training row below
+
+
+def _with_dead_features(gen: torch.Generator, n: int = 40) -> torch.Tensor:
+    X = torch.randn(n, 6, generator=gen)
+    X[:, _DEAD] = 0.0
+    return X
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_dead_features_are_skipped_and_the_step_still_equals_autograd(batch_norm: bool) -> None:
+    """The first layer multiplies only the live features' rows; its gradient equals autograd's
+    on the full inputs, rows of dead features exactly 0 even where the buffer held something
+    else (optimizers add coupled weight decay into the gradients in place)."""
+    from worker.population.stacked import live_features
+
+    models = _members(3, batch_norm, "relu")
+    gen = torch.Generator().manual_seed(5)
+    X, y = _with_dead_features(gen), torch.randint(0, 4, (40,), generator=gen)
+    live = live_features(X)
+    assert live.tolist() == [i not in _DEAD for i in range(6)]
+    stack = StackedMLP(
+        models, activation="relu", dropouts=[0.0] * 3, device=torch.device("cpu"), live=live
+    )
+    assert stack.n_live == 3 and stack.feature_order is not None
+    assert stack.feature_order.tolist() == [1, 2, 5, 0, 3, 4]  # live first, then dead
+    inputs = stack.inputs_for(X)
+    assert torch.equal(inputs, X[:, [1, 2, 5]])
+    assert stack._workspace(10).x.shape == (3, 10, 3)  # gathers live features only
+    with pytest.raises(ValueError, match="pass inputs_for"):
+        stack.train_step(X, y, torch.arange(30), torch.empty(3))
+
+    rows = torch.stack([torch.randperm(40, generator=gen)[:10] for _ in models])
+    for g in stack.grads:
+        g.fill_(float("nan"))  # what an optimizer may leave there
+    losses = torch.empty(3)
+    stack.train_step(inputs, y, rows.reshape(-1), losses)
+    first = stack.grads[0]
+    assert torch.equal(first[:, 3:], torch.zeros_like(first[:, 3:]))
+    for j, model in enumerate(models):
+        model.train()
+        loss = F.cross_entropy(model(X[rows[j]]), y[rows[j]])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        assert losses[j].item() == pytest.approx(loss.item(), rel=1e-6)
+        torch.testing.assert_close(stack._data_order(first[j]).t(), grads[0], rtol=1e-5, atol=1e-6)
+        for stacked_grad, grad in zip(stack.grads[1:], grads[1:], strict=True):
+            mine = stacked_grad[j].t() if grad.dim() == 2 else stacked_grad[j]
+            torch.testing.assert_close(mine, grad, rtol=1e-5, atol=1e-6)
+
+
+def test_dead_features_still_count_in_evaluation_and_export() -> None:
+    """A validation row may be nonzero where no training row is: evaluation multiplies every
+    feature, in the data's order, and the exported model has the data's layout."""
+    from worker.population.stacked import live_features
+
+    models = _members(3, False, "gelu")
+    gen = torch.Generator().manual_seed(6)
+    X_train = _with_dead_features(gen)
+    X_val, y_val = torch.randn(30, 6, generator=gen), torch.randint(0, 4, (30,), generator=gen)
+    stack = StackedMLP(
+        models,
+        activation="gelu",
+        dropouts=[0.0] * 3,
+        device=torch.device("cpu"),
+        live=live_features(X_train),
+    )
+    loss_sum, correct = stack.evaluate(X_val, y_val)
+    for j, model in enumerate(models):
+        expected = evaluate(model, X_val, y_val)
+        assert float(loss_sum[j]) / 30 == pytest.approx(expected[0], rel=1e-6)
+        assert int(correct[j]) / 30 == expected[1]
+    fresh = _members(3, False, "gelu")
+    for model in fresh:
+        for p in model.parameters():
+            p.data.zero_()
+    stack.export_best(2, fresh[2])
+    for key, value in models[2].state_dict().items():
+        assert torch.equal(fresh[2].state_dict()[key], value), key
+
+
+def test_all_or_no_live_features_change_nothing() -> None:
+    for live in (torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)):
+        stack = StackedMLP(
+            _members(1, False, "relu"),
+            activation="relu",
+            dropouts=[0.0],
+            device=torch.device("cpu"),
+            live=live,
+        )
+        assert stack.feature_order is None and stack.n_live == 6
+        X = torch.randn(5, 6)
+        assert stack.inputs_for(X) is X
+    with pytest.raises(ValueError, match="live must be bool of shape"):
+        StackedMLP(
+            _members(1, False, "relu"),
+            activation="relu",
+            dropouts=[0.0],
+            device=torch.device("cpu"),
+            live=torch.ones(5, dtype=torch.bool),
+        )

@@ -32,6 +32,23 @@ def test_to_tensors_casts_and_infers_classes() -> None:
     assert _to(_arrays(), n_classes=7).n_classes == 7
 
 
+def test_derived_tensors_are_made_once_per_splits_and_key() -> None:
+    splits = _to(_arrays())
+    calls: list[str] = []
+
+    def make(tag: str) -> torch.Tensor:
+        calls.append(tag)
+        return splits.X_train * 2
+
+    first = splits.derived("doubled", lambda: make("a"))
+    assert splits.derived("doubled", lambda: make("b")) is first
+    assert splits.derived(("doubled", 2), lambda: make("c")) is not first
+    assert calls == ["a", "c"]
+    assert _to(_arrays()).derived("doubled", lambda: make("d")) is not first  # other splits
+    assert calls == ["a", "c", "d"]
+    assert "_derived" not in repr(splits)
+
+
 def test_empty_test_split_is_allowed() -> None:
     arrays = _arrays()
     arrays[4], arrays[5] = arrays[4][:0], arrays[5][:0]
