@@ -47,14 +47,22 @@ def auto_population_size(
         raise ValueError(f"n_parameters_per_member: must be >= 1, got {n_parameters_per_member}")
     device = torch.device(device)
     per_member = BYTES_PER_PARAM * n_parameters_per_member + 8 * max(0, n_train)
+    by_memory = memory_budget_bytes(device) // per_member
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        by_memory = int(CUDA_MEMORY_SHARE * free) // per_member
         return max(1, min(CUDA_MAX, by_memory))
-    by_memory = int(CPU_MEMORY_SHARE * _available_ram()) // per_member
     stack_params = last_level_cache_bytes() // (4 * CPU_COPIES)
     by_cache = stack_params // n_parameters_per_member
     return max(1, min(by_memory, max(CPU_MIN, min(CPU_MAX, by_cache))))
+
+
+def memory_budget_bytes(device: torch.device | str) -> int:
+    """What a population may allocate on ``device``: a quarter of the available RAM, half of
+    the free GPU memory (see the module doc)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(CUDA_MEMORY_SHARE * free)
+    return int(CPU_MEMORY_SHARE * _available_ram())
 
 
 def last_level_cache_bytes() -> int:
@@ -94,4 +102,5 @@ __all__ = [
     "CUDA_MAX",
     "auto_population_size",
     "last_level_cache_bytes",
+    "memory_budget_bytes",
 ]

@@ -46,11 +46,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from worker.population.grouping import grouped_indices
 from worker.population.optimizers import MixedBatchedOptimizer, optimizer_order
+from worker.population.sizing import memory_budget_bytes
 from worker.population.stacked import StackedMLP, live_features
 from worker.training import (
     EpochMetrics,
@@ -65,6 +66,8 @@ from worker.training import (
 )
 
 AUTOCAST_MODES: tuple[str, ...] = ("tf32", "bf16")
+# Input features 0 in every training row are skipped when at least this share is (_skippable).
+MIN_DEAD_SHARE = 1 / 16
 # What must be equal for trials to share one stack (the rest is per member).
 POPULATION_KEY_FIELDS: tuple[str, ...] = (
     "hidden_layers",
@@ -286,7 +289,7 @@ class _Population:
         self.members = [self._member(c, i) for c, i in zip(configs, indices, strict=True)]
         # Per worker process, not per stack: the features the training rows use, and the
         # training inputs restricted to them (see worker.population.stacked).
-        live = data.derived("population.live_features", lambda: live_features(data.X_train))
+        live = data.derived("population.live_features", lambda: _skippable(data))
         self.stack = StackedMLP(
             [m.model for m in self.members],
             activation=first.activation,
@@ -449,6 +452,23 @@ class _Population:
         self.stack.export_best(pos, member.model)
         member.model.to(self.device).eval()
         member.duration_s += time.perf_counter() - started
+
+
+def _skippable(data: TensorSplits) -> Tensor | None:
+    """The live-feature mask for ``StackedMLP(live=...)``, or None (train on every feature).
+
+    Skipping dead features costs a copy of the training split's live columns, kept for the
+    worker process: it is made only when at least ``MIN_DEAD_SHARE`` of the features are dead
+    (fewer save too little of the first layer's work) and the copy fits the population memory
+    budget (``sizing.memory_budget_bytes``).
+    """
+    live = live_features(data.X_train)
+    n_features, n_live = int(live.numel()), int(live.sum())
+    if (n_features - n_live) < MIN_DEAD_SHARE * n_features:
+        return None
+    if int(data.X_train.shape[0]) * n_live * 4 > memory_budget_bytes(data.device):
+        return None
+    return live
 
 
 def _mixed_seed(configs: Sequence[TrialConfig]) -> int:

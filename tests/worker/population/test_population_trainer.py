@@ -133,6 +133,35 @@ def test_members_equal_their_sequential_runs(small_digits: TensorSplits) -> None
     assert results[2].stopped_early and results[2].best_epoch == 1
 
 
+def test_stacks_skip_dead_features_when_enough_are_and_the_copy_fits(
+    small_digits: TensorSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The invariant tests above run with dead features skipped: 5 of digits' 64 pixels are 0
+    in every training row (7.8%, above MIN_DEAD_SHARE). With fewer, or with a copy of the live
+    columns beyond the memory budget, stacks train on every feature."""
+    from worker.population import trainer
+
+    live = trainer._skippable(small_digits)
+    assert live is not None and int((~live).sum()) == 5
+    assert (~live).sum() >= trainer.MIN_DEAD_SHARE * live.numel()
+    revived = _set_train_value(small_digits, column=int((~live).nonzero()[0]), value=1.0)
+    assert int((~trainer.live_features(revived.X_train)).sum()) == 4
+    assert trainer._skippable(revived) is not None  # 4 of 64 = 6.25%: still enough
+    twice = _set_train_value(revived, column=int((~live).nonzero()[1]), value=1.0)
+    assert trainer._skippable(twice) is None  # 3 of 64 dead: below MIN_DEAD_SHARE
+    monkeypatch.setattr(trainer, "memory_budget_bytes", lambda device: 400 * 59 * 4 - 1)
+    assert trainer._skippable(small_digits) is None  # 400 rows x 59 live columns do not fit
+    monkeypatch.setattr(trainer, "memory_budget_bytes", lambda device: 400 * 59 * 4)
+    assert trainer._skippable(small_digits) is not None
+
+
+def _set_train_value(data: TensorSplits, *, column: int, value: float) -> TensorSplits:
+    """``data`` with one training row's ``column`` set to ``value`` (a copy)."""
+    X = data.X_train.clone()
+    X[0, column] = value
+    return TensorSplits(X, data.y_train, data.X_val, data.y_val, data.X_test, data.y_test)
+
+
 def test_members_equal_their_sequential_runs_with_default_threads(
     small_digits: TensorSplits, default_threads: int
 ) -> None:
