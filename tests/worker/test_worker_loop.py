@@ -371,6 +371,19 @@ def test_automatic_populations_on_cpu_come_in_waves_for_a_comparing_pruner(
     assert pruner_wave_cap(job, rt) == cap  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("siblings", "cap"), [(1, 11), (2, 6), (3, 4), (8, 2), (64, 1)])
+def test_processes_started_together_share_each_wave(siblings: int, cap: int) -> None:
+    """43 trials after the start-up ones: about PRUNER_WAVES waves in flight whatever the
+    number of processes, each taking its share of a wave."""
+    spec = JobSpec.model_validate(
+        random_spec(n_trials=48, pruner={"type": "median", "n_startup_trials": 5})
+    )
+    rt = SimpleNamespace(spec=spec, device=torch.device("cpu"))
+    job = SimpleNamespace(n_trials=48)
+    assert pruner_wave_cap(job, rt, siblings) == cap  # type: ignore[arg-type]
+    assert cap * siblings in range(-(-43 // PRUNER_WAVES), -(-43 // PRUNER_WAVES) + siblings)
+
+
 def test_the_wave_cap_binds_automatic_populations_only(tmp_path: Path) -> None:
     spec = random_spec(n_trials=48, pruner={"type": "median", "n_startup_trials": 5})
     from service.submission import estimate_parameters
@@ -391,6 +404,14 @@ def test_the_wave_cap_binds_automatic_populations_only(tmp_path: Path) -> None:
         )
         expected = 32 if population else min(by_device, -(-43 // PRUNER_WAVES))
         assert worker._population_size(env.jobs.get(job.id), rt) == expected
+    # Two processes started together share each automatic wave.
+    env = make_env(tmp_path / "siblings", device="cpu", worker_siblings=2)
+    job = env.submit(spec)
+    for _ in range(5):
+        env.study(job).add_trial(optuna.trial.create_trial(value=0.5))
+    worker = env.worker()
+    rt = worker.cache.get(env.jobs.get(job.id))
+    assert worker._population_size(env.jobs.get(job.id), rt) == min(by_device, 6)
 
 
 def test_an_idle_worker_on_sqlite_takes_a_submitted_job_without_waiting_for_its_poll(
