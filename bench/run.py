@@ -145,7 +145,8 @@ def flops_per_model_epoch(
     per validation row, the forward pass. ``n_live``: the features nonzero in some training
     row (default all); the others add exactly 0 to every training product, so the first
     layer's training FLOPs count only the live ones (the canonical loop multiplies them all
-    the same, the population trainer skips them); validation counts every feature.
+    the same; the population trainer skips them when enough are dead: ``live_feature_mask``,
+    which is how the caller counts ``n_live``); validation counts every feature.
     """
     widths = [n_features, *hidden, n_classes]
     macs = [a * b for a, b in itertools.pairwise(widths)]
@@ -608,7 +609,10 @@ def main() -> int:
     from service.spec import JobSpec
 
     data = load_data(setup, JobSpec.model_validate(job_spec(setup, "x")))
-    n_live = int((data.X_train != 0).any(dim=0).sum())
+    from worker.population.trainer import live_feature_mask
+
+    live = live_feature_mask(data)  # the features the population trainer trains on
+    n_live = int(data.X_train.shape[1]) if live is None else int(live.sum())
     fpe = flops_per_model_epoch(
         int(data.X_train.shape[1]),
         setup.hidden,

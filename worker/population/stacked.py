@@ -103,7 +103,9 @@ class StackedMLP:
         self._live_columns: Tensor | None = None  # the live features, in the data's order
         self._data_rows: Tensor | None = None  # feature_order's inverse permutation
         self.n_live = self.n_features
-        if live is not None:
+        # A net without hidden layers is not stacked this way: its one layer is the output
+        # layer, which works class-major (see train_step); every feature is then trained on.
+        if live is not None and self.n_hidden:
             if live.shape != (self.n_features,) or live.dtype != torch.bool:
                 raise ValueError(
                     f"StackedMLP: live must be bool of shape ({self.n_features},), "
@@ -221,7 +223,8 @@ class StackedMLP:
     def train_step(self, X: Tensor, y: Tensor, rows: Tensor, loss_out: Tensor) -> Tensor:
         """Forward + backward of one minibatch per member into ``self.grads``.
 
-        ``rows`` [P * b] indexes X/y (member j's minibatch is ``rows[j*b:(j+1)*b]``);
+        ``X`` is the training split as ``inputs_for`` returns it (its live features, in the
+        matmul dtype); ``rows`` [P * b] indexes X/y (member j's minibatch is ``rows[j*b:(j+1)*b]``);
         ``loss_out`` [P] receives each member's mean cross-entropy. Returns the number of
         correct predictions per member [P] (int64, on the device).
         """
@@ -453,7 +456,7 @@ class StackedMLP:
 class _Workspace:
     """Every per-step activation and gradient buffer for one (P, batch size)."""
 
-    x: Tensor  # [P, b, F] gathered inputs (in the matmul dtype: only matmuls read them)
+    x: Tensor  # [P, b, n_live] gathered inputs (in the matmul dtype: only matmuls read them)
     y: Tensor  # [P, b, 1] gathered labels
     z: list[Tensor]  # per hidden layer [P, b, w]: Linear output
     a: list[Tensor]  # activation output

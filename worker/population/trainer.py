@@ -66,7 +66,7 @@ from worker.training import (
 )
 
 AUTOCAST_MODES: tuple[str, ...] = ("tf32", "bf16")
-# Input features 0 in every training row are skipped when at least this share is (_skippable).
+# Features 0 in every training row are skipped when at least this share is (live_feature_mask).
 MIN_DEAD_SHARE = 1 / 16
 # What must be equal for trials to share one stack (the rest is per member).
 POPULATION_KEY_FIELDS: tuple[str, ...] = (
@@ -289,7 +289,7 @@ class _Population:
         self.members = [self._member(c, i) for c, i in zip(configs, indices, strict=True)]
         # Per worker process, not per stack: the features the training rows use, and the
         # training inputs restricted to them (see worker.population.stacked).
-        live = data.derived("population.live_features", lambda: _skippable(data))
+        live = data.derived("population.live_features", lambda: live_feature_mask(data))
         self.stack = StackedMLP(
             [m.model for m in self.members],
             activation=first.activation,
@@ -301,7 +301,8 @@ class _Population:
         )
         self.optimizer = MixedBatchedOptimizer(configs, self.stack.params)
         self.X_train = data.derived(
-            ("population.train_inputs", matmul_dtype),
+            # n_live: a stack without hidden layers trains on every feature (see StackedMLP)
+            ("population.train_inputs", matmul_dtype, self.stack.n_live),
             lambda: self.stack.inputs_for(data.X_train),
         )
         setup_share = (time.perf_counter() - started) / len(configs)
@@ -454,7 +455,7 @@ class _Population:
         member.duration_s += time.perf_counter() - started
 
 
-def _skippable(data: TensorSplits) -> Tensor | None:
+def live_feature_mask(data: TensorSplits) -> Tensor | None:
     """The live-feature mask for ``StackedMLP(live=...)``, or None (train on every feature).
 
     Skipping dead features costs a copy of the training split's live columns, kept for the

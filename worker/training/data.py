@@ -97,6 +97,10 @@ class TensorSplits:
     def to(self, device: torch.device | str) -> TensorSplits:
         """The same splits on ``device`` (self if already there)."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            # Tensors report cuda:N, and torch.device("cuda") != torch.device("cuda:0"): without
+            # this every call would build new splits (and lose what ``derived`` cached).
+            device = torch.device("cuda", torch.cuda.current_device())
         if self.device == device:
             return self
         return TensorSplits(

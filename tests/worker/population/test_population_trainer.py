@@ -141,18 +141,62 @@ def test_stacks_skip_dead_features_when_enough_are_and_the_copy_fits(
     columns beyond the memory budget, stacks train on every feature."""
     from worker.population import trainer
 
-    live = trainer._skippable(small_digits)
+    live = trainer.live_feature_mask(small_digits)
     assert live is not None and int((~live).sum()) == 5
     assert (~live).sum() >= trainer.MIN_DEAD_SHARE * live.numel()
     revived = _set_train_value(small_digits, column=int((~live).nonzero()[0]), value=1.0)
     assert int((~trainer.live_features(revived.X_train)).sum()) == 4
-    assert trainer._skippable(revived) is not None  # 4 of 64 = 6.25%: still enough
+    assert trainer.live_feature_mask(revived) is not None  # 4 of 64 = 6.25%: still enough
     twice = _set_train_value(revived, column=int((~live).nonzero()[1]), value=1.0)
-    assert trainer._skippable(twice) is None  # 3 of 64 dead: below MIN_DEAD_SHARE
+    assert trainer.live_feature_mask(twice) is None  # 3 of 64 dead: below MIN_DEAD_SHARE
     monkeypatch.setattr(trainer, "memory_budget_bytes", lambda device: 400 * 59 * 4 - 1)
-    assert trainer._skippable(small_digits) is None  # 400 rows x 59 live columns do not fit
+    assert trainer.live_feature_mask(small_digits) is None  # 400 rows x 59 live columns do not fit
     monkeypatch.setattr(trainer, "memory_budget_bytes", lambda device: 400 * 59 * 4)
-    assert trainer._skippable(small_digits) is not None
+    assert trainer.live_feature_mask(small_digits) is not None
+
+
+def test_dead_features_skipped_in_training_still_count_in_validation(
+    small_digits: TensorSplits,
+) -> None:
+    """Validation rows nonzero where no training row is: every member (weight decay moves the
+    skipped weights, which these rows then read) still equals its sequential run."""
+    from worker.population import trainer
+
+    dead = (~trainer.live_features(small_digits.X_train)).nonzero().view(-1)
+    X_val = small_digits.X_val.clone()
+    X_val[: X_val.shape[0] // 2, dead] = 1.5
+    data = TensorSplits(
+        small_digits.X_train,
+        small_digits.y_train,
+        X_val,
+        small_digits.y_val,
+        small_digits.X_test,
+        small_digits.y_test,
+    )
+    configs = [MIXED[1], MIXED[3], MIXED[6], MIXED[10], MIXED[12]]  # each with weight decay
+    assert all(c.weight_decay > 0 for c in configs)
+    results = train_population(configs, data)
+    live = data._derived["population.live_features"]  # the stacks skipped the dead features
+    assert live is not None and int((~live).sum()) == len(dead) == 5
+    assert data._derived[("population.train_inputs", None, 59)].shape == (400, 59)
+    for config, result in zip(configs, results, strict=True):
+        _assert_same_run(result, train_trial(config, data), data)
+
+
+def test_a_net_without_hidden_layers_trains_on_every_feature(small_digits: TensorSplits) -> None:
+    """Its one layer is the output layer, which the dead-feature skipping does not cover."""
+    configs = [
+        TrialConfig(hidden_layers=(), optimizer="sgd", learning_rate=0.1, max_epochs=2, seed=0),
+        TrialConfig(hidden_layers=(), optimizer="adam", weight_decay=1e-3, max_epochs=2, seed=1),
+    ]
+    train_population(MIXED[:2], small_digits)  # a hidden-layer stack first: inputs cached
+    assert small_digits._derived[("population.train_inputs", None, 59)].shape[1] == 59
+    for precision in (None, "bf16"):
+        results = train_population(configs, small_digits, autocast=precision)
+        if precision is None:
+            for config, result in zip(configs, results, strict=True):
+                _assert_same_run(result, train_trial(config, small_digits), small_digits)
+        assert all(r.epochs_run == 2 and not r.diverged for r in results)
 
 
 def _set_train_value(data: TensorSplits, *, column: int, value: float) -> TensorSplits:
@@ -375,7 +419,11 @@ def test_device_and_autocast_flags(small_digits: TensorSplits) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_members_match_the_cpu_sequential_runs(small_digits: TensorSplits) -> None:
     configs = [TrialConfig(**BASE, learning_rate=3e-3, seed=s) for s in range(3)]
-    results = train_population(configs, small_digits.to("cuda"))
+    on_gpu = small_digits.to("cuda")
+    # "cuda" names the device its tensors report as cuda:N: the same splits, whose derived
+    # tensors (the live features, the stacks' inputs) are then made once, not per stack.
+    assert on_gpu.to("cuda") is on_gpu and on_gpu.to(on_gpu.device) is on_gpu
+    results = train_population(configs, on_gpu)
     for config, result in zip(configs, results, strict=True):
         assert all(p.device.type == "cuda" for p in result.model.parameters())
         result.model.to("cpu")
