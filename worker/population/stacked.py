@@ -29,9 +29,10 @@ the bench's 7,000 training images) add exactly 0 to every training product, and 
 weights that read them get exactly 0 from the data (the optimizer still applies weight decay
 to them). So the first layer's training matmuls skip them: its weight rows are stored live
 features first (``feature_order``) and the training step multiplies only the first
-``n_live`` rows and sets the others' gradient to 0. Evaluation and
-``export_best`` use every feature in the data's order: a validation or test row may be
-nonzero where no training row is.
+``n_live`` rows and sets the others' gradient to 0. ``export_best`` writes every feature's
+weights in the data's order, and evaluation reads every feature, as a validation row may be
+nonzero where no training row is; a split that is 0 in the dead features too (as MNIST's
+validation split is) is evaluated on the live ones only (``eval_inputs_for``).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class StackedMLP:
         # when every feature is live (or none is: then there is nothing to skip either).
         self.feature_order: Tensor | None = None
         self._live_columns: Tensor | None = None  # the live features, in the data's order
+        self._dead_columns: Tensor | None = None
         self._data_rows: Tensor | None = None  # feature_order's inverse permutation
         self.n_live = self.n_features
         # A net without hidden layers is not stacked this way: its one layer is the output
@@ -116,6 +118,7 @@ class StackedMLP:
                 order = torch.cat([live.nonzero().view(-1), (~live).nonzero().view(-1)])
                 self.feature_order = order.to(device)
                 self._live_columns = self.feature_order[:n_live]
+                self._dead_columns = self.feature_order[n_live:]
                 self._data_rows = torch.argsort(self.feature_order)
                 self.n_live = n_live
         if self.batch_norm:
@@ -367,8 +370,20 @@ class StackedMLP:
     # -- evaluation ------------------------------------------------------------------------
 
     @torch.no_grad()
+    def eval_inputs_for(self, X: Tensor) -> Tensor:
+        """``X`` (a split to evaluate) as ``evaluate`` reads it fastest: its live features
+        when it is 0 in all the others too (as a validation split mostly is where the
+        training split is), else unchanged. Exact either way (see the module doc)."""
+        live, dead = self._live_columns, self._dead_columns
+        if live is None or dead is None or bool((X.index_select(1, dead) != 0).any()):
+            return X
+        return X.index_select(1, live)
+
     def evaluate(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Summed cross-entropy (float64) and correct count (int64) per member, eval mode."""
+        """Summed cross-entropy (float64) and correct count (int64) per member, eval mode.
+
+        ``X``: every feature, or ``eval_inputs_for(X)``.
+        """
         P, n = self.n_members, int(y.shape[0])
         budget = _EVAL_BYTES_CPU if self.device.type == "cpu" else _EVAL_BYTES_GPU
         rows = max(1, min(EVAL_BATCH_SIZE, budget // (4 * P * max(self.widths))))
@@ -377,8 +392,11 @@ class StackedMLP:
         # Layer 0 for all members as one [rows, F] @ [F, P * width] matmul: X is shared.
         w0, b0 = self._linear_at[0]
         width0 = self.widths[0]
-        w_first = self._data_order(self.params[w0].transpose(0, 1))  # [F, P, width]
-        w_first = w_first.reshape(self.n_features, P * width0)
+        if X.shape[1] == self.n_live < self.n_features:  # X holds the live features only
+            w_first = self.params[w0][:, : self.n_live].transpose(0, 1)  # [n_live, P, width]
+        else:
+            w_first = self._data_order(self.params[w0].transpose(0, 1))  # [F, P, width]
+        w_first = w_first.reshape(int(X.shape[1]), P * width0)
         b_first = self.params[b0].reshape(P * width0)
         for start in range(0, n, rows):
             xc, yc = X[start : start + rows], y[start : start + rows]

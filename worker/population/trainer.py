@@ -305,6 +305,10 @@ class _Population:
             ("population.train_inputs", matmul_dtype, self.stack.n_live),
             lambda: self.stack.inputs_for(data.X_train),
         )
+        self.X_val = data.derived(
+            ("population.val_inputs", self.stack.n_live),
+            lambda: self.stack.eval_inputs_for(data.X_val),
+        )
         setup_share = (time.perf_counter() - started) / len(configs)
         for m in self.members:
             m.duration_s += setup_share
@@ -375,7 +379,7 @@ class _Population:
             self.optimizer.step(stack.params, stack.grads)
         for m in active:
             m.step_schedule()
-        val_loss_sum, val_correct = stack.evaluate(data.X_val, data.y_val)
+        val_loss_sum, val_correct = stack.evaluate(self.X_val, data.y_val)
 
         # The epoch's one host sync: every member's per-batch losses and counts.
         losses_h, correct_h = losses.cpu(), correct.cpu()

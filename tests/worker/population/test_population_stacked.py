@@ -346,11 +346,16 @@ def test_dead_features_still_count_in_evaluation_and_export() -> None:
         device=torch.device("cpu"),
         live=live_features(X_train),
     )
-    loss_sum, correct = stack.evaluate(X_val, y_val)
-    for j, model in enumerate(models):
-        expected = evaluate(model, X_val, y_val)
-        assert float(loss_sum[j]) / 30 == pytest.approx(expected[0], rel=1e-6)
-        assert int(correct[j]) / 30 == expected[1]
+    assert stack.eval_inputs_for(X_val) is X_val  # nonzero in dead features: all of it
+    quiet = X_val.clone()
+    quiet[:, _DEAD] = 0.0  # as the training rows: evaluate may read the live features only
+    assert torch.equal(stack.eval_inputs_for(quiet), quiet[:, [1, 2, 5]])
+    for inputs, raw in ((X_val, X_val), (stack.eval_inputs_for(quiet), quiet), (quiet, quiet)):
+        loss_sum, correct = stack.evaluate(inputs, y_val)
+        for j, model in enumerate(models):
+            expected = evaluate(model, raw, y_val)
+            assert float(loss_sum[j]) / 30 == pytest.approx(expected[0], rel=1e-6)
+            assert int(correct[j]) / 30 == expected[1]
     fresh = _members(3, False, "gelu")
     for model in fresh:
         for p in model.parameters():
