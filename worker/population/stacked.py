@@ -101,8 +101,6 @@ class StackedMLP:
         # The first layer's weight rows: live features first (see the module doc), or None
         # when every feature is live (or none is: then there is nothing to skip either).
         self.feature_order: Tensor | None = None
-        self._live_columns: Tensor | None = None  # the live features, in the data's order
-        self._dead_columns: Tensor | None = None
         self._data_rows: Tensor | None = None  # feature_order's inverse permutation
         self.n_live = self.n_features
         # A net without hidden layers is not stacked this way: its one layer is the output
@@ -117,8 +115,6 @@ class StackedMLP:
             if 0 < n_live < self.n_features:
                 order = torch.cat([live.nonzero().view(-1), (~live).nonzero().view(-1)])
                 self.feature_order = order.to(device)
-                self._live_columns = self.feature_order[:n_live]
-                self._dead_columns = self.feature_order[n_live:]
                 self._data_rows = torch.argsort(self.feature_order)
                 self.n_live = n_live
         if self.batch_norm:
@@ -219,8 +215,8 @@ class StackedMLP:
         skips two conversions of its [P, batch, features] input (forward and weight gradient).
         Likewise the live columns are picked once, not from every minibatch.
         """
-        if self._live_columns is not None:
-            X = X.index_select(1, self._live_columns)
+        if self.feature_order is not None:
+            X = X.index_select(1, self.feature_order[: self.n_live])
         return X if self.matmul_dtype is None else X.to(self.matmul_dtype)
 
     def train_step(self, X: Tensor, y: Tensor, rows: Tensor, loss_out: Tensor) -> Tensor:
@@ -369,16 +365,16 @@ class StackedMLP:
 
     # -- evaluation ------------------------------------------------------------------------
 
-    @torch.no_grad()
     def eval_inputs_for(self, X: Tensor) -> Tensor:
         """``X`` (a split to evaluate) as ``evaluate`` reads it fastest: its live features
         when it is 0 in all the others too (as a validation split mostly is where the
         training split is), else unchanged. Exact either way (see the module doc)."""
-        live, dead = self._live_columns, self._dead_columns
-        if live is None or dead is None or bool((X.index_select(1, dead) != 0).any()):
+        order, k = self.feature_order, self.n_live
+        if order is None or bool((X.index_select(1, order[k:]) != 0).any()):
             return X
-        return X.index_select(1, live)
+        return X.index_select(1, order[:k])
 
+    @torch.no_grad()
     def evaluate(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Summed cross-entropy (float64) and correct count (int64) per member, eval mode.
 

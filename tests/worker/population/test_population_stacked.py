@@ -385,3 +385,16 @@ def test_all_or_no_live_features_change_nothing() -> None:
             device=torch.device("cpu"),
             live=torch.ones(5, dtype=torch.bool),
         )
+
+
+def test_evaluate_records_no_autograd_graph() -> None:
+    stack = StackedMLP(
+        _members(2, False, "relu"),
+        activation="relu",
+        dropouts=[0.0] * 2,
+        device=torch.device("cpu"),
+    )
+    for p in stack.params:
+        p.requires_grad_(True)  # even then, evaluation builds no graph
+    loss_sum, _ = stack.evaluate(torch.randn(8, 6), torch.randint(0, 4, (8,)))
+    assert not loss_sum.requires_grad
