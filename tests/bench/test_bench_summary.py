@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from bench.run import Result, _by_round_line, _summary, _summary_line
+from bench.run import Result, _by_round_line, _ceiling_line, _summary, _summary_line
 
 
-def _result(name: str, walls: list[float], best: float = 0.95) -> Result:
+def _result(name: str, walls: list[float], best: float = 0.95, compute_s: float = 0.0) -> Result:
     median = sorted(walls)[len(walls) // 2]
     return Result(
         name=name,
@@ -15,14 +15,15 @@ def _result(name: str, walls: list[float], best: float = 0.95) -> Result:
         best_val_accuracy=best,
         trials_per_min=48 / median * 60,
         model_epochs_per_s=180 / median,
-        notes={"walls_s": walls, "paired_delta_pp": (0.1, 9)},
+        peak_share=0.4,
+        notes={"walls_s": walls, "paired_delta_pp": (0.1, 9), "sum_epoch_compute_s": compute_s},
     )
 
 
 def test_ratios_over_the_medians_and_within_each_round() -> None:
     results = [
         _result("baseline", [20.0, 24.0, 22.0], best=0.948),
-        _result("engine_population", [8.0, 6.0, 5.5], best=0.953),
+        _result("engine_population", [8.0, 6.0, 5.5], best=0.953, compute_s=5.0),
         _result("service", [10.0, 8.0, 11.0]),
     ]
     summary = _summary(results, "")
@@ -35,3 +36,20 @@ def test_ratios_over_the_medians_and_within_each_round() -> None:
         "population_vs_baseline=3.67x service_vs_baseline=2.20x quality_delta=+0.50pp"
     )
     assert _by_round_line(summary) == "population 2.50x, 4.00x, 4.00x; service 2.00x, 3.00x, 2.00x"
+
+
+def test_ceiling_without_overhead_and_peak_share_needed() -> None:
+    results = [
+        _result("baseline", [20.0, 24.0, 22.0]),
+        # The median run took 6.0 s, 5.0 s of it in its epochs' training and validation.
+        _result("engine_population", [8.0, 6.0, 5.5], compute_s=5.0),
+        _result("service", [10.0, 8.0, 11.0]),
+    ]
+    summary = _summary(results, "")
+    assert round(summary["population_vs_baseline_without_overhead"], 6) == round(22.0 / 5.0, 6)
+    # 22 / 6 = 3.67x at 40% of peak: 5x takes 40% x 5 / 3.67 = 54.5%.
+    assert round(summary["peak_share_needed_for_target"], 6) == round(0.4 * 5 / (22.0 / 6.0), 6)
+    assert _ceiling_line(summary) == (
+        "population without any overhead (its epochs' training and validation alone): "
+        "4.40x; 5x at its model-epochs needs 55% of the matmul peak end to end"
+    )
