@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from service import defaults
 from service.config import Settings
 from service.db import Job, JobStore, create_schema, make_engine
-from service.db.retry import Backoff, describe, is_transient
+from service.db.retry import Backoff, call_with_retry, describe, is_transient
 from service.db.watch import CommitWatch
 from service.errors import HPOError, NotFoundError
 from service.states import JobState
@@ -302,9 +302,16 @@ class Worker:
             return None
 
     def _release(self, job_id: str, n: int) -> None:
+        """Give back ``n`` reserved slots, riding out a database outage of up to
+        ``storage_retry_s`` (what made us release is often that outage): a slot that is never
+        given back keeps the job from ever reaching its budget."""
         for _ in range(n):
             try:
-                self.jobs.release_slot(job_id)
+                call_with_retry(
+                    lambda: self.jobs.release_slot(job_id),
+                    deadline_s=self.settings.storage_retry_s,
+                    what=f"releasing a budget slot of job {job_id}",
+                )
             except Exception as e:
                 log.error("job %s: a budget slot could not be released: %s", job_id, describe(e))
 

@@ -21,9 +21,11 @@ import optuna
 from worker.training import EpochMetrics, TrialConfig, TrialResult
 from worker.trial_runner import (
     Heartbeat,
+    JobCancelled,
     Outcome,
     TrialContext,
     TrialOutcome,
+    WorkerStopping,
     ask_population,
     count_finished_into_job,
     epoch_hook,
@@ -44,10 +46,12 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
     rt = ctx.rt
     ctx = replace(ctx, defer_job_count=True)  # counted once, below
     precision = rt.spec.training.precision
+    claimed: list[int] = []
     try:
-        trials = ask_population(rt, n)
+        trials = ask_population(rt, n, claimed=claimed)
     except BaseException:
-        release_unasked(ctx, n)  # slots of the trials that were never asked
+        # The slots of the trials that were never asked; claimed ones are the reaper's to free.
+        release_unasked(ctx, n - len(claimed))
         raise
     if len(trials) < n:
         release_unasked(ctx, n - len(trials))
@@ -67,6 +71,11 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
         for group in group_configs([c for _, c in prepared]):
             ctx.pruning.reset()  # the previous stack's trials are finished: epoch 1 again
             members = [prepared[i] for i in group]
+            stop = _reason_not_to_start(ctx)
+            if stop is not None:  # SIGTERM or a cancel during an earlier stack: train no more
+                for t, _ in members:
+                    outcomes[t.number] = finish_interrupted(ctx, t, stop)
+                continue
             hooks = [epoch_hook(ctx, t) for t, _ in members]
             # Recorded with each member: which trials trained together (their durations are
             # shares of this stack's time, and they were pruned against trials finished
@@ -106,9 +115,13 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
                         on_finish=on_finish,
                     )
             except Exception as e:  # the whole group ended (stop grace over, out of memory, ...)
+                # One event of the stack: counted once against max_trial_failures, as the
+                # same error would be for one sequential trial.
+                first = True
                 for t, _ in members:
                     if t.number not in outcomes:  # not told when it left the stack
-                        outcomes[t.number] = finish_interrupted(ctx, t, e)
+                        outcomes[t.number] = finish_interrupted(ctx, t, e, counts_as_failure=first)
+                        first = False
                 continue
             tell(
                 [
@@ -121,6 +134,16 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
     if any(o.outcome in _TOLD for o in outcomes.values()):
         count_finished_into_job(ctx)
     return [outcomes[t.number] for t in trials]
+
+
+def _reason_not_to_start(ctx: TrialContext) -> Exception | None:
+    """Why the next stack should not train: the worker is stopping, or the job was cancelled
+    (each member is then re-queued or cancelled without training an epoch)."""
+    if ctx.should_stop():
+        return WorkerStopping("worker is shutting down")
+    if not ctx.retry(lambda: ctx.probe.running(fresh=True), f"checking job {ctx.rt.job_id}"):
+        return JobCancelled("job is no longer running")
+    return None
 
 
 def _stack_attr(trials: list[optuna.Trial]) -> dict[str, Any]:

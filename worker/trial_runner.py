@@ -194,9 +194,11 @@ class JobStateProbe:
         self._checked_at = -math.inf
         self._running = True
 
-    def running(self) -> bool:
+    def running(self, *, fresh: bool = False) -> bool:
+        """``fresh``: ask the database now (before starting a stack: one query is far cheaper
+        than training a stack of a cancelled job for an epoch)."""
         now = time.monotonic()
-        if now - self._checked_at >= self.interval_s:
+        if fresh or now - self._checked_at >= self.interval_s:
             self._running = self.jobs.get(self.job_id).state == JobState.RUNNING
             self._checked_at = now
         return self._running
@@ -291,30 +293,44 @@ class TrialContext:
         return call_with_retry(fn, deadline_s=self.storage_retry_s, what=what)
 
 
-def ask(rt: JobRuntime) -> optuna.Trial:
+def ask(rt: JobRuntime, claimed: list[int] | None = None) -> optuna.Trial:
     """``Study.ask``: the oldest WAITING trial that this worker manages to claim, else a new one
     (``ask_population`` for one trial)."""
-    return ask_population(rt, 1)[0]
+    return ask_population(rt, 1, claimed=claimed)[0]
 
 
-def ask_population(rt: JobRuntime, n: int, waiting: list[int] | None = None) -> list[optuna.Trial]:
+def ask_population(
+    rt: JobRuntime, n: int, waiting: list[int] | None = None, claimed: list[int] | None = None
+) -> list[optuna.Trial]:
     """``Study.ask`` up to n times: WAITING trials first, oldest first, each claimed on its own
     (a trial that another worker claims or finishes first is skipped), then the new ones
     created in one transaction (``new_trials``).
 
     ``waiting``: ids from ``waiting_trial_ids`` (claimed ones are removed); None looks them up.
     Optuna's own ask finds WAITING trials by reading every unfinished trial, so P asks would
-    read O(P^2) trials (see ``waiting_trial_ids``). If creating fails after some WAITING trials
-    were claimed, those are returned (fewer than n: the caller gives back the other budget
-    slots); with none claimed the error propagates.
+    read O(P^2) trials (see ``waiting_trial_ids``). If claiming or creating fails after some
+    WAITING trials were claimed, those are returned (fewer than n: the caller gives back the
+    other budget slots); with none claimed the error propagates.
+
+    ``claimed``: a list this call appends the id of each WAITING trial it claims to, so that a
+    caller whose ask raised anyway (reading a claimed trial failed) gives back only the slots
+    of the trials that were not claimed: a claimed trial stays RUNNING, and the stale-trial
+    reaper fails it, re-queues it and frees its slot (giving that slot back here too would
+    free it twice, and the job would overshoot its budget).
     """
     study = rt.study
     storage = study._storage
     if waiting is None:
         waiting = waiting_trial_ids(storage, study._study_id)
-    ids: list[int] = []
-    while len(ids) < n and (claimed := _claim_waiting(storage, waiting)) is not None:
-        ids.append(claimed)
+    ids: list[int] = [] if claimed is None else claimed
+    try:
+        while len(ids) < n and (trial_id := _claim_waiting(storage, waiting)) is not None:
+            ids.append(trial_id)
+    except Exception as e:
+        if not ids:
+            raise
+        log.warning("job %s: claiming waiting trials failed (%s)", rt.job_id, describe(e))
+        n = len(ids)  # no new trials either: return what is claimed
     study._thread_local.cached_all_trials = None  # as Study.ask: claimed trials, a fresh view
     trials = [optuna.Trial(study, trial_id) for trial_id in ids]  # read: fixed parameters
     try:
@@ -485,10 +501,12 @@ def _objective_value(m: EpochMetrics, objective: str) -> float:
 
 def run_trial(ctx: TrialContext) -> TrialOutcome:
     """Run one trial for a job whose budget slot the caller has already reserved."""
+    claimed: list[int] = []
     try:
-        trial = ask(ctx.rt)
+        trial = ask(ctx.rt, claimed)
     except BaseException:
-        release_unasked(ctx)
+        if not claimed:  # a claimed trial's slot is the reaper's to free (see ask_population)
+            release_unasked(ctx)
         raise
     with Heartbeat(ctx.rt.study._storage, [trial._trial_id]):
         try:
@@ -513,13 +531,20 @@ def finish_interrupted(
     trial: optuna.Trial,
     exc: BaseException,
     result: TrialResult | None = None,
+    *,
+    counts_as_failure: bool = True,
 ) -> TrialOutcome:
     """Map the exception that ended a trial to its state (the one place this mapping lives).
 
     ``result``: what the trial trained before it was stopped; a pruned trial records it (its
     history, epochs and training time) like a finished one, so its cost shows too.
+    ``counts_as_failure``: whether a failure of the trial's own (not a stop, cancel, outage or
+    pruning) counts against the job's ``max_trial_failures``: a stack that fails as a whole
+    is one failure, not one per member.
     """
-    return _settled(ctx, trial, lambda: _finish_interrupted(ctx, trial, exc, result))
+    return _settled(
+        ctx, trial, lambda: _finish_interrupted(ctx, trial, exc, result, counts_as_failure)
+    )
 
 
 def _settled(
@@ -538,7 +563,11 @@ def _settled(
 
 
 def _finish_interrupted(
-    ctx: TrialContext, trial: optuna.Trial, exc: BaseException, result: TrialResult | None
+    ctx: TrialContext,
+    trial: optuna.Trial,
+    exc: BaseException,
+    result: TrialResult | None,
+    counts_as_failure: bool = True,
 ) -> TrialOutcome:
     rt, number = ctx.rt, trial.number
     if isinstance(exc, UpdateFinishedTrialError):
@@ -566,7 +595,7 @@ def _finish_interrupted(
         trial,
         Outcome.FAILED,
         reason=reason,
-        counts_as_failure=True,
+        counts_as_failure=counts_as_failure,
         requeue=rt.spec.sampler.type == "grid",
     )
 
@@ -642,9 +671,12 @@ def finish_trials(
             outcomes[trial.number] = _lost(ctx, trial)
             continue
         except Exception as e:
-            if not is_transient(e):
-                raise
-            outcomes[trial.number] = _abandon(ctx, trial, e)
+            if is_transient(e):
+                outcomes[trial.number] = _abandon(ctx, trial, e)
+            else:
+                # Settling this one failed (evaluating it, saving its model: out of memory, a
+                # full disk): it fails on its own, and its stack-mates are told as usual.
+                outcomes[trial.number] = finish_interrupted(ctx, trial, e, result)
             continue
         may_be_best = may_be_best and settlement.state != TrialState.COMPLETE
         settlement.attrs.update(attrs or {})
