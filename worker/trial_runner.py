@@ -853,12 +853,29 @@ def _fail(
     if not ours:
         return _lost(ctx, trial)
     if requeue:
-        ctx.retry(lambda: _requeue(rt.study, trial, reason=reason), f"re-queueing trial {n}")
-    ctx.retry(
+        _after_failing(
+            ctx, lambda: _requeue(rt.study, trial, reason=reason), f"re-queueing trial {n}"
+        )
+    _after_failing(
+        ctx,
         lambda: ctx.jobs.release_slot(rt.job_id, failed=counts_as_failure),
         f"releasing the slot of trial {n}",
     )
     return TrialOutcome(outcome, n, reason=reason)
+
+
+def _after_failing(ctx: TrialContext, fn: Callable[[], Any], what: str) -> None:
+    """A step that must follow a committed ``fail_trial``, retried for as long as the database
+    stays away: nobody else would take it (the reaper looks at RUNNING trials only), so giving
+    up would lose the trial's grid point or budget slot for good and the job would never end."""
+    while True:
+        try:
+            ctx.retry(fn, what)
+            return
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            log.error("%s: database unavailable (%s); still retrying", what, describe(e))
 
 
 def _requeue(study: optuna.Study, trial: optuna.Trial, *, reason: str) -> None:

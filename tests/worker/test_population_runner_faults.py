@@ -13,7 +13,12 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import OperationalError
 
 from service.config import Settings
+from service.db import JobStore, create_schema, make_engine
+from service.spec import JobSpec
 from service.states import JobState
+from service.studies import make_storage
+from service.submission import submit
+from tests.support.specs import grid_spec
 from tests.worker.test_population_runner import submit_job
 from worker import loop, trial_runner
 from worker.loop import Worker
@@ -242,3 +247,49 @@ def test_no_stack_starts_after_a_stop_or_cancel(tmp_path: Any, how: str) -> None
     later = {o.outcome.value for o in holder["outcomes"] if o.number != seen[0][0]}
     assert later == {expected}
     assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+
+
+def test_an_outage_after_failing_a_trial_does_not_lose_its_grid_point(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGTERM re-queues the stack's grid points: each is failed (one commit), then re-queued
+    # and its slot released. A 1 s outage after the first fail outlasts storage_retry_s (0.3 s);
+    # the worker used to abandon the trial "to the reaper", which never looks at FAIL trials.
+    settings = Settings(
+        data_root=tmp_path,
+        population=4,
+        heartbeat_interval_s=1,
+        heartbeat_grace_s=1,
+        storage_retry_s=0.3,
+    )
+    engine = make_engine(settings.resolved_database_url)
+    create_schema(engine)
+    jobs = JobStore(engine)
+    storage = make_storage(settings.resolved_database_url, settings)
+    spec = JobSpec.model_validate(grid_spec())
+    job = submit(spec, settings=settings, jobs=jobs, storage=storage)[0]
+    requeue = trial_runner._requeue
+    outage: dict[str, float] = {}
+
+    def requeue_after_an_outage(*a: Any, **k: Any) -> Any:
+        until = outage.setdefault("until", time.monotonic() + 1.0)
+        if time.monotonic() < until:
+            raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+        return requeue(*a, **k)
+
+    monkeypatch.setattr(trial_runner, "_requeue", requeue_after_an_outage)
+    holder: dict[str, Any] = {}
+
+    class StopAtOnce:
+        def epoch_done(self, job_: Any, number: int, metrics: Any) -> None:
+            holder["worker"].stop()
+
+        def trials_done(self, job_: Any, outcomes: Any) -> None:
+            holder["outcomes"] = {o.outcome.value for o in outcomes}
+
+    holder["worker"] = w = Worker(settings, listener=StopAtOnce())
+    w.run()
+    assert holder["outcomes"] == {"requeued"}
+    Worker(settings, once=True).run()
+    job = jobs.get(job.id)
+    assert (job.state, job.finished) == ("succeeded", job.n_trials)
