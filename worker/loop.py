@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from service import defaults
 from service.config import Settings
 from service.db import Job, JobStore, create_schema, make_engine
-from service.db.retry import Backoff, call_with_retry, describe, is_transient
+from service.db.retry import Backoff, describe, is_transient
 from service.db.watch import CommitWatch
 from service.errors import HPOError, NotFoundError
 from service.states import JobState
@@ -58,6 +58,7 @@ from worker.trial_runner import (
     TrialContext,
     TrialOutcome,
     WorkerStopping,
+    release_slots,
     run_trial,
 )
 
@@ -274,7 +275,7 @@ class Worker:
                 )
                 n += self._reserve_more(job, self._population_size(job, rt) - 1)
             except BaseException:
-                self._release(job.id, n)
+                release_slots(self.jobs, job.id, n, self.settings.storage_retry_s)
                 raise
             # fp32 single trials take the sequential path; bf16/tf32 live in the population trainer.
             sequential = n == 1 and rt.spec.training.precision == "fp32"
@@ -300,20 +301,6 @@ class Worker:
             self.jobs.try_transition(job.id, JobState.FAILED, error=reason)
             log.error("job %s failed to start: %s", job.id, reason)
             return None
-
-    def _release(self, job_id: str, n: int) -> None:
-        """Give back ``n`` reserved slots, riding out a database outage of up to
-        ``storage_retry_s`` (what made us release is often that outage): a slot that is never
-        given back keeps the job from ever reaching its budget."""
-        for _ in range(n):
-            try:
-                call_with_retry(
-                    lambda: self.jobs.release_slot(job_id),
-                    deadline_s=self.settings.storage_retry_s,
-                    what=f"releasing a budget slot of job {job_id}",
-                )
-            except Exception as e:
-                log.error("job %s: a budget slot could not be released: %s", job_id, describe(e))
 
     def _population_size(self, job: Job, rt: JobRuntime) -> int:
         """P: the configured --population, else chosen from the device and the model size

@@ -21,11 +21,9 @@ import optuna
 from worker.training import EpochMetrics, TrialConfig, TrialResult
 from worker.trial_runner import (
     Heartbeat,
-    JobCancelled,
     Outcome,
     TrialContext,
     TrialOutcome,
-    WorkerStopping,
     ask_population,
     count_finished_into_job,
     epoch_hook,
@@ -33,6 +31,7 @@ from worker.trial_runner import (
     finish_trials,
     interruptible,
     prepare_population,
+    reason_to_stop,
     release_unasked,
     report_epochs,
     uninterruptible,
@@ -71,7 +70,7 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
         for group in group_configs([c for _, c in prepared]):
             ctx.pruning.reset()  # the previous stack's trials are finished: epoch 1 again
             members = [prepared[i] for i in group]
-            stop = _reason_not_to_start(ctx)
+            stop = reason_to_stop(ctx, fresh=True)  # a query per stack, not an epoch's training
             if stop is not None:  # SIGTERM or a cancel during an earlier stack: train no more
                 for t, _ in members:
                     outcomes[t.number] = finish_interrupted(ctx, t, stop)
@@ -134,16 +133,6 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
     if any(o.outcome in _TOLD for o in outcomes.values()):
         count_finished_into_job(ctx)
     return [outcomes[t.number] for t in trials]
-
-
-def _reason_not_to_start(ctx: TrialContext) -> Exception | None:
-    """Why the next stack should not train: the worker is stopping, or the job was cancelled
-    (each member is then re-queued or cancelled without training an epoch)."""
-    if ctx.should_stop():
-        return WorkerStopping("worker is shutting down")
-    if not ctx.retry(lambda: ctx.probe.running(fresh=True), f"checking job {ctx.rt.job_id}"):
-        return JobCancelled("job is no longer running")
-    return None
 
 
 def _stack_attr(trials: list[optuna.Trial]) -> dict[str, Any]:

@@ -357,11 +357,22 @@ def _claim_waiting(storage: optuna.storages.BaseStorage, waiting: list[int]) -> 
 
 def release_unasked(ctx: TrialContext, n: int = 1) -> None:
     """Give back budget slots reserved for trials that were never asked (ask itself failed)."""
+    release_slots(ctx.jobs, ctx.rt.job_id, n, ctx.storage_retry_s)
+
+
+def release_slots(jobs: JobStore, job_id: str, n: int, storage_retry_s: float) -> None:
+    """Give back ``n`` reserved budget slots, riding out a database outage of up to
+    ``storage_retry_s`` (what made the caller release is often that outage): a slot that is
+    never given back keeps the job from ever reaching its budget."""
     for _ in range(n):
         try:
-            ctx.retry(lambda: ctx.jobs.release_slot(ctx.rt.job_id), "releasing a budget slot")
+            call_with_retry(
+                lambda: jobs.release_slot(job_id),
+                deadline_s=storage_retry_s,
+                what=f"releasing a budget slot of job {job_id}",
+            )
         except Exception as e:
-            log.error("job %s: a budget slot could not be released: %s", ctx.rt.job_id, e)
+            log.error("job %s: a budget slot could not be released: %s", job_id, describe(e))
 
 
 def prepare(ctx: TrialContext, trial: optuna.Trial) -> TrialConfig:
@@ -458,16 +469,25 @@ def epoch_hook(ctx: TrialContext, trial: optuna.Trial) -> Callable[[EpochMetrics
                 ctx.retry(lambda: trial.report(value, m.epoch), f"reporting trial {n}")
             if ctx.on_epoch is not None:
                 ctx.on_epoch(trial.number, m)
-            if ctx.should_stop():
-                raise WorkerStopping("worker is shutting down")
-            if not ctx.retry(ctx.probe.running, f"checking job {ctx.rt.job_id}"):
-                raise JobCancelled("job is no longer running")
+            stop = reason_to_stop(ctx)
+            if stop is not None:
+                raise stop
             if ctx.retry(
                 lambda: ctx.pruning.should_prune(trial, m.epoch), f"pruning check of trial {n}"
             ):
                 raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
 
     return hook
+
+
+def reason_to_stop(ctx: TrialContext, *, fresh: bool = False) -> Exception | None:
+    """Why training should stop now: the worker is shutting down, or the job no longer runs
+    (``fresh``: ask the database now rather than within ``JobStateProbe``'s interval)."""
+    if ctx.should_stop():
+        return WorkerStopping("worker is shutting down")
+    if not ctx.retry(lambda: ctx.probe.running(fresh=fresh), f"checking job {ctx.rt.job_id}"):
+        return JobCancelled("job is no longer running")
+    return None
 
 
 def report_epochs(ctx: TrialContext, epochs: list[tuple[optuna.Trial, EpochMetrics]]) -> None:
