@@ -6,6 +6,7 @@ pruner for every contender; early stopping is off everywhere so epochs are compa
     python -m bench.run            # full run (MNIST 10k if ../shared has it, else digits)
     python -m bench.run --quick    # < 3 minutes on 2 CPU cores
     python -m bench.run --repeats 3  # each contender 3 times, reported by its median run
+    python -m bench.run --device cuda  # on a GPU: 512 trials, P in the hundreds (see --help)
 
 Writes bench/results/<timestamp>.json and ends with one line:
     population_vs_baseline=<ratio>x service_vs_baseline=<ratio>x quality_delta=<pp>
@@ -41,8 +42,10 @@ from hpo.client import Api, follow
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist-10k"
-# The issue's target for the population against the canonical loop (trials per minute).
+# The issue's target for the population against the canonical loop (trials per minute): on a
+# 2-core CPU, and on a GPU.
 TARGET_SPEEDUP = 5.0
+TARGET_SPEEDUP_CUDA = 100.0
 
 
 @dataclass
@@ -56,6 +59,16 @@ class Setup:
     validation_split: float
     test_split: float
     split_note: str
+    device: str = "cpu"
+    # The canonical loop and the sequential engine run the job's first ``baseline_trials``
+    # trials (the same parameters: the sampler draws per trial number) when a run of all
+    # ``n_trials`` one model at a time would take too long (a GPU's hundreds of trials); their
+    # trials/minute is measured over those. None: every contender runs all ``n_trials``.
+    baseline_trials: int | None = None
+
+    @property
+    def n_baseline_trials(self) -> int:
+        return self.n_trials if self.baseline_trials is None else self.baseline_trials
 
 
 @dataclass
@@ -75,12 +88,42 @@ class Result:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def make_setup(quick: bool) -> Setup:
-    if (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+# On CUDA: enough trials for a population in the hundreds (sizing.CUDA_MAX is 512), and the
+# one-model-at-a-time contenders on the first BASELINE_TRIALS_CUDA of them.
+TRIALS_CUDA = 512
+BASELINE_TRIALS_CUDA = 64
+
+
+def make_setup(
+    quick: bool,
+    device: str = "cpu",
+    mnist_dir: Path = SHARED_MNIST,
+    trials: int | None = None,
+    epochs: int | None = None,
+    baseline_trials: int | None = None,
+) -> Setup:
+    setup = _data_setup(quick, mnist_dir)
+    setup.device = device
+    if device == "cuda":
+        setup.n_trials = TRIALS_CUDA // 4 if quick else TRIALS_CUDA
+        setup.baseline_trials = BASELINE_TRIALS_CUDA // 4 if quick else BASELINE_TRIALS_CUDA
+    if trials is not None:
+        setup.n_trials = trials
+    if epochs is not None:
+        setup.epochs = epochs
+    if baseline_trials is not None:
+        setup.baseline_trials = baseline_trials
+    if setup.baseline_trials is not None and setup.baseline_trials >= setup.n_trials:
+        setup.baseline_trials = None
+    return setup
+
+
+def _data_setup(quick: bool, mnist_dir: Path) -> Setup:
+    if (mnist_dir / "t10k-images-idx3-ubyte.gz").is_file():
         # 10,000 real MNIST test images, split 7,000 / 1,500 / 1,500 (seeded, stratified).
         return Setup(
             dataset={"name": "mnist", "split": "test"},
-            data_dir=str(SHARED_MNIST),
+            data_dir=str(mnist_dir),
             n_trials=16 if quick else 48,
             epochs=4 if quick else 10,
             batch_size=128,
@@ -102,14 +145,16 @@ def make_setup(quick: bool) -> Setup:
     )
 
 
-def job_spec(setup: Setup, name: str, precision: str = "fp32") -> dict[str, Any]:
+def job_spec(
+    setup: Setup, name: str, precision: str = "fp32", n_trials: int | None = None
+) -> dict[str, Any]:
     return {
         "name": name,
         "dataset": setup.dataset,
         "model": {"hidden_layers": setup.hidden},
         "search_space": "default",
         "sampler": {"type": "random", "seed": 0},
-        "n_trials": setup.n_trials,
+        "n_trials": setup.n_trials if n_trials is None else n_trials,
         "objective": "val_accuracy",
         "training": {
             "max_epochs": setup.epochs,
@@ -117,18 +162,45 @@ def job_spec(setup: Setup, name: str, precision: str = "fp32") -> dict[str, Any]
             "validation_split": setup.validation_split,
             "test_split": setup.test_split,
             "early_stopping": None,
-            "device": "cpu",
+            "device": setup.device,
             "precision": precision,
         },
         "pruner": {"type": "median", "n_startup_trials": 5, "n_warmup_steps": 2},
     }
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32) -> float:
-    """GFLOP/s of a large matmul with all intra-op threads: the CPU's practical peak."""
+def measure_matmul_peak(precision: str = "fp32", device: str = "cpu") -> float:
+    """GFLOP/s of a large matmul in ``precision`` (fp32, tf32 or bf16): the device's practical
+    peak. CPU: all intra-op threads. CUDA: an 8192^3 product on random data (CUDA events)."""
+    if device == "cuda":
+        return _cuda_matmul_gflops(precision)
     from worker.training.matmul_speed import matmul_gflops
 
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return matmul_gflops(dtype, n=1024, repeats=5, inner=10)
+
+
+def _cuda_matmul_gflops(precision: str, n: int = 8192, repeats: int = 10) -> float:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        for _ in range(3):
+            torch.mm(a, b)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 / repeats
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / seconds / 1e9
 
 
 def flops_per_model_epoch(
@@ -170,7 +242,10 @@ def run_baseline(setup: Setup, spec: dict[str, Any]) -> tuple[Result, list[tuple
     js = JobSpec.model_validate(spec)
     data = load_data(setup, js)
     space = js.resolved_space()
+    # The example's way on a GPU: the loader yields CPU batches, each moved to the device.
+    device = torch.device(setup.device)
     train_ds = TensorDataset(data.X_train, data.y_train)
+    X_val, y_val = data.X_val.to(device), data.y_val.to(device)
     n_classes = int(data.n_classes)
     epochs_run = 0
 
@@ -179,7 +254,7 @@ def run_baseline(setup: Setup, spec: dict[str, Any]) -> tuple[Result, list[tuple
         params = suggest(space, trial)
         cfg = resolve_config(js, params, seed=trial.number)
         torch.manual_seed(cfg.seed)
-        model = build_mlp(data.X_train.shape[1], n_classes, cfg)
+        model = build_mlp(data.X_train.shape[1], n_classes, cfg).to(device)
         # fused=False: torch's default implementation, what the canonical example's
         # getattr(optim, name)(model.parameters(), lr=lr) runs (the engine uses fused kernels)
         opt = build_optimizer(model.parameters(), cfg, fused=False)
@@ -189,13 +264,14 @@ def run_baseline(setup: Setup, spec: dict[str, Any]) -> tuple[Result, list[tuple
         for epoch in range(cfg.max_epochs):
             model.train()
             for xb, yb in loader:
+                xb, yb = xb.to(device), yb.to(device)
                 opt.zero_grad()
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
                 opt.step()
             model.eval()
             with torch.no_grad():
-                acc = (model(data.X_val).argmax(1) == data.y_val).float().mean().item()
+                acc = (model(X_val).argmax(1) == y_val).float().mean().item()
             epochs_run += 1
             trial.report(acc, epoch)
             if trial.should_prune():
@@ -211,7 +287,7 @@ def run_baseline(setup: Setup, spec: dict[str, Any]) -> tuple[Result, list[tuple
     )
     t0 = time.time()
     start = time.perf_counter()
-    study.optimize(objective, n_trials=setup.n_trials)
+    study.optimize(objective, n_trials=spec["n_trials"])
     wall = time.perf_counter() - start
     # Pruned trials' last value is a candidate too (the canonical example ranks only COMPLETE).
     best = study.best_value
@@ -284,9 +360,22 @@ def _result(
                 )
                 for t in trials
                 if t.intermediate_values
-            }
+            },
+            # The values best_val_accuracy ranks, by trial number: the best among the first k
+            # trials is compared with a baseline that ran only those (Setup.baseline_trials).
+            "complete_value_by_trial": {
+                t.number: float(t.value)
+                for t in trials
+                if t.state == TrialState.COMPLETE and t.value is not None
+            },
         },
     )
+
+
+def best_of_first(r: Result, k: int) -> float:
+    """``r``'s best validation accuracy among its trials numbered below ``k``."""
+    values = r.notes["complete_value_by_trial"]
+    return max((v for n, v in values.items() if int(n) < k), default=float("nan"))
 
 
 def paired_delta(r: Result, base: Result, epochs: int) -> tuple[float, int] | None:
@@ -317,7 +406,7 @@ def run_engine(
         data_root=workdir,
         data_dir=Path(setup.data_dir) if setup.data_dir else None,
         population=population,
-        device="cpu",
+        device=setup.device,
     )
     t0 = time.time()
     start = time.perf_counter()
@@ -350,6 +439,15 @@ def _from_storage(
     r.notes["sum_trial_duration_s"] = sum(
         float(t.user_attrs.get("duration_s", 0.0)) for t in trials
     )
+    # The stacks the trials trained in (worker.population_runner's ``population`` attribute;
+    # none for trials trained alone): how many members each had.
+    stacks = {
+        tuple(t.user_attrs["population"]["trials"]): t.user_attrs["population"]["size"]
+        for t in trials
+        if "population" in t.user_attrs
+    }
+    r.notes["stack_sizes"] = sorted(stacks.values(), reverse=True)
+    r.population = max(stacks.values(), default=1)
     return r, _curve(trials, t0)
 
 
@@ -366,7 +464,12 @@ def run_service(
     """One ``hpo serve`` and one ``hpo worker --processes <processes>``; the job is submitted
     once the worker (all its processes) said it is ready, as to a deployed, long-lived one."""
     port = _free_port()
-    env = {**os.environ, "HPO_DATA_ROOT": str(workdir), "HPO_DEVICE": "cpu", "HPO_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "HPO_DATA_ROOT": str(workdir),
+        "HPO_DEVICE": setup.device,
+        "HPO_OFFLINE": "1",
+    }
     if setup.data_dir:
         env["HPO_DATA_DIR"] = setup.data_dir
     hpo = [sys.executable, "-c", "from hpo.cli import main; main()"]
@@ -499,50 +602,73 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
 
 
 def run_round(setup: Setup, index: int) -> list[tuple[Result, list[tuple[float, float]]]]:
-    """Every contender once, in the same order: baseline x2, engine x3, service x3."""
+    """Every contender once, in the same order (``contenders``)."""
     from service.config import Settings
 
     runs = []
     worker_flush = Settings().flush_denormals  # HPO_FLUSH_DENORMALS, as the workers read it
     work = Path(tempfile.mkdtemp(prefix=f"hpo-bench-{index}-"))
     try:
-        r, c = run_baseline(setup, job_spec(setup, "baseline"))
-        runs.append((r, c))
-        print(f"  baseline: {r.wall_s:.1f} s", flush=True)
-        # The canonical loop again, with the CPU mode the engine's workers run in (denormal
-        # floats flushed to zero): how much of the engine's lead that mode alone explains.
-        r, c = isolated(run_baseline, setup, job_spec(setup, "baseline_flushed"), flush=True)
-        r.name = "baseline_flushed"
-        runs.append((r, c))
-        print(f"  baseline_flushed: {r.wall_s:.1f} s", flush=True)
-        for name, pop, precision in (
-            ("engine_sequential", 1, "fp32"),
-            ("engine_population", None, "fp32"),
-            ("engine_population_bf16", None, "bf16"),
-        ):
-            # In a fresh process, as a worker runs: it switches denormal flushing on before
-            # torch's thread pool starts (worker.training.numerics); this process's pool began
-            # with the matmul peak measurement and keeps denormals on all threads but the main.
-            spec = job_spec(setup, name, precision)
-            r, c = isolated(run_engine, setup, spec, pop, work / name, flush=worker_flush)
-            r.name = name
-            runs.append((r, c))
-            print(f"  {name}: {r.wall_s:.1f} s", flush=True)
-        # `service` is the deployment README recommends on one machine (--processes auto: one
-        # single-threaded worker process per core); service_1proc is one process, all cores.
-        for name, precision, processes in (
-            ("service_1proc", "fp32", "1"),
-            ("service", "fp32", "auto"),
-            ("service_bf16", "bf16", "auto"),
-        ):
-            spec = job_spec(setup, name, precision)
-            r, c = run_service(setup, spec, work / name, processes)
+        for name, kind, precision, arg in contenders(setup.device):
+            # The one-model-at-a-time contenders run the first baseline_trials (Setup).
+            alone = kind == "baseline" or (kind == "engine" and arg == 1)
+            spec = job_spec(setup, name, precision, setup.n_baseline_trials if alone else None)
+            if kind == "baseline" and arg is None:
+                r, c = run_baseline(setup, spec)
+            elif kind == "baseline":
+                # The canonical loop again, with the CPU mode the engine's workers run in
+                # (denormal floats flushed to zero): how much of the engine's lead that mode
+                # alone explains.
+                r, c = isolated(run_baseline, setup, spec, flush=True)
+            elif kind == "engine":
+                # In a fresh process, as a worker runs: it switches denormal flushing on before
+                # torch's thread pool starts (worker.training.numerics); this process's pool
+                # began with the matmul peak measurement and keeps denormals on all threads but
+                # the main.
+                r, c = isolated(run_engine, setup, spec, arg, work / name, flush=worker_flush)
+            else:
+                r, c = run_service(setup, spec, work / name, str(arg))
             r.name = name
             runs.append((r, c))
             print(f"  {name}: {r.wall_s:.1f} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return runs
+
+
+def contenders(device: str) -> list[tuple[str, str, str, Any]]:
+    """(name, kind, precision, argument) of each contender, in the order they run.
+
+    kind ``baseline``: the canonical loop (argument None: in this process; "flushed": in a
+    fresh one with denormals flushed); ``engine``: ``hpo run``'s code path with the argument as
+    ``--population`` (None: automatic); ``service``: ``hpo serve`` + ``hpo worker`` with the
+    argument as ``--processes``. ``service`` is the deployment README recommends on one
+    machine (--processes auto: one single-threaded worker process per core on CPU, one
+    process on CUDA); service_1proc is one process, all cores.
+    On CUDA denormal flushing is a CPU mode that changes nothing, and ``--processes auto`` is
+    one process, so those two contenders are left out; tf32 (CUDA's fast fp32 matmuls) is in.
+    """
+    if device == "cuda":
+        return [
+            ("baseline", "baseline", "fp32", None),
+            ("engine_sequential", "engine", "fp32", 1),
+            ("engine_population", "engine", "fp32", None),
+            ("engine_population_tf32", "engine", "tf32", None),
+            ("engine_population_bf16", "engine", "bf16", None),
+            ("service", "service", "fp32", "auto"),
+            ("service_tf32", "service", "tf32", "auto"),
+            ("service_bf16", "service", "bf16", "auto"),
+        ]
+    return [
+        ("baseline", "baseline", "fp32", None),
+        ("baseline_flushed", "baseline", "fp32", "flushed"),
+        ("engine_sequential", "engine", "fp32", 1),
+        ("engine_population", "engine", "fp32", None),
+        ("engine_population_bf16", "engine", "bf16", None),
+        ("service_1proc", "service", "fp32", "1"),
+        ("service", "service", "fp32", "auto"),
+        ("service_bf16", "service", "bf16", "auto"),
+    ]
 
 
 def main() -> int:
@@ -559,24 +685,59 @@ def main() -> int:
         help="run every contender N times (interleaved rounds) and report each by its median "
         "wall time; this machine's speed drifts by 10-20%% between runs",
     )
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where every contender trains; cuda also sets the defaults of --trials "
+        f"({TRIALS_CUDA}; --quick {TRIALS_CUDA // 4}) and --baseline-trials "
+        f"({BASELINE_TRIALS_CUDA}; --quick {BASELINE_TRIALS_CUDA // 4})",
+    )
+    ap.add_argument("--trials", type=int, metavar="N", help="the job's trial budget")
+    ap.add_argument("--epochs", type=int, metavar="E", help="epochs per trial")
+    ap.add_argument(
+        "--baseline-trials",
+        type=int,
+        metavar="K",
+        help="the canonical loop and the sequential engine train only the job's first K trials "
+        "(the same parameters as the others' first K) and are rated by their trials/minute over "
+        "those; best validation accuracy is then compared over the first K trials",
+    )
+    ap.add_argument(
+        "--mnist-dir",
+        type=Path,
+        default=SHARED_MNIST,
+        help="the MNIST IDX files (t10k-*-ubyte.gz); digits when they are not there",
+    )
     args = ap.parse_args()
-    if args.repeats < 1:
-        ap.error("--repeats must be at least 1")
+    for name in ("repeats", "trials", "epochs", "baseline_trials"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no usable CUDA device on this machine")
     os.environ.setdefault("HPO_OFFLINE", "1")
     import warnings
 
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    setup = make_setup(args.quick)
+    setup = make_setup(
+        args.quick, args.device, args.mnist_dir, args.trials, args.epochs, args.baseline_trials
+    )
     # The peak is measured at the start and again after every round: the machine's speed
     # drifts, and the highest measurement is the denominator of "% of peak" (conservative).
-    peaks = {torch.float32: [measure_matmul_peak()]}
-    peaks[torch.bfloat16] = [measure_matmul_peak(torch.bfloat16)]
+    precisions = ["fp32", "tf32", "bf16"] if setup.device == "cuda" else ["fp32", "bf16"]
+    peaks = {p: [measure_matmul_peak(p, setup.device)] for p in precisions}
     print(
-        f"data: {setup.split_note}; {setup.n_trials} trials x {setup.epochs} epochs; "
-        f"torch threads {torch.get_num_threads()}; matmul peak {peaks[torch.float32][0]:.1f} "
-        f"GFLOP/s fp32, {peaks[torch.bfloat16][0]:.1f} GFLOP/s bf16",
+        f"data: {setup.split_note}; {setup.n_trials} trials x {setup.epochs} epochs"
+        + (
+            f" (one model at a time: the first {setup.baseline_trials})"
+            if setup.baseline_trials
+            else ""
+        )
+        + f"; device {_device_name(setup.device)}; torch threads {torch.get_num_threads()}; "
+        "matmul peak " + ", ".join(f"{peaks[p][0]:.1f} GFLOP/s {p}" for p in precisions),
         flush=True,
     )
     # Every round runs every contender once, so machine drift hits all of them alike; each
@@ -589,15 +750,15 @@ def main() -> int:
         if args.repeats > 1:
             print(f"round {i + 1}/{args.repeats}", flush=True)
         rounds.append(run_round(setup, i))
-        for dtype, measured in peaks.items():
-            measured.append(measure_matmul_peak(dtype))
-    peak, peak_bf16 = max(peaks[torch.float32]), max(peaks[torch.bfloat16])
+        for p, measured in peaks.items():
+            measured.append(measure_matmul_peak(p, setup.device))
+    peak = {p: max(measured) for p, measured in peaks.items()}
     print(
-        "matmul peak at the start and after each round: fp32 "
-        + ", ".join(f"{p:.1f}" for p in peaks[torch.float32])
-        + "; bf16 "
-        + ", ".join(f"{p:.1f}" for p in peaks[torch.bfloat16])
-        + f" GFLOP/s: % of peak is against the highest ({peak:.1f}, {peak_bf16:.1f})",
+        "matmul peak at the start and after each round: "
+        + "; ".join(f"{p} " + ", ".join(f"{x:.1f}" for x in peaks[p]) for p in precisions)
+        + " GFLOP/s: % of peak is against the highest ("
+        + ", ".join(f"{peak[p]:.1f}" for p in precisions)
+        + ")",
         flush=True,
     )
     results: list[Result] = []
@@ -627,12 +788,13 @@ def main() -> int:
     for r in results:
         r.gflops = r.model_epochs * fpe / r.wall_s / 1e9
         # Against the peak of the precision the contender's matmuls run in.
-        r.peak_share = r.gflops / (peak_bf16 if r.name.endswith("_bf16") else peak)
+        r.peak_share = r.gflops / peak[_precision_of(r.name)]
         r.time_to_baseline_best_s = time_to(curves[r.name], base.best_val_accuracy)
 
     print(
-        f"\n{'contender':23} {'wall s':>8} {'trials/min':>11} {'epochs/s':>9} {'best val':>9} "
-        f"{'paired':>13} {'t->base best':>12} {'overhead':>9} {'GFLOP/s':>8} {'of peak':>8}"
+        f"\n{'contender':23} {'wall s':>8} {'trials':>6} {'P':>4} {'trials/min':>11} "
+        f"{'epochs/s':>9} {'best val':>9} {'paired':>13} {'t->base best':>12} {'overhead':>9} "
+        f"{'GFLOP/s':>8} {'of peak':>8}"
     )
     for r in results:
         ttb = (
@@ -643,57 +805,99 @@ def main() -> int:
         r.notes["paired_delta_pp"] = paired
         pd = f"{paired[0]:+.2f}pp/{paired[1]}" if paired else "-"
         print(
-            f"{r.name:23} {r.wall_s:8.1f} {r.trials_per_min:11.1f} {r.model_epochs_per_s:9.1f} "
-            f"{r.best_val_accuracy:9.4f} {pd:>13} {ttb:>12} {ov:>9} {r.gflops:8.2f} "
-            f"{r.peak_share:8.1%}"
+            f"{r.name:23} {r.wall_s:8.1f} {r.trials:6d} {r.population or 1:4d} "
+            f"{r.trials_per_min:11.1f} {r.model_epochs_per_s:9.1f} {r.best_val_accuracy:9.4f} "
+            f"{pd:>13} {ttb:>12} {ov:>9} {r.gflops:8.2f} {r.peak_share:8.1%}"
         )
     print(
-        "paired: mean last-epoch val accuracy minus the baseline's over the trials both trained "
-        "for every epoch (same parameters)/how many"
+        "P: the largest stack a contender's trials trained in; paired: mean last-epoch val "
+        "accuracy minus the baseline's over the trials both trained for every epoch (same "
+        "parameters)/how many"
     )
-    summary = _summary(results, "")
-    summary_bf16 = _summary(results, "_bf16")
+    if setup.baseline_trials:
+        print(
+            f"the canonical loop and the sequential engine ran the first {setup.baseline_trials} "
+            f"of the {setup.n_trials} trials: trials/minute over those; quality_delta compares "
+            f"the best of the first {setup.baseline_trials} trials"
+        )
+    k = setup.n_baseline_trials
+    target = TARGET_SPEEDUP_CUDA if setup.device == "cuda" else TARGET_SPEEDUP
+    summaries = {
+        p: _summary(results, "" if p == "fp32" else "_" + p, k, target) for p in precisions
+    }
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json"
+    tag = ("-quick" if args.quick else "") + ("-cuda" if setup.device == "cuda" else "")
+    out = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{tag}.json"
     out.write_text(
         json.dumps(
             {
                 "setup": asdict(setup),
-                "matmul_peak_gflops": peak,
+                "matmul_peak_gflops": peak["fp32"],
                 "live_features": n_live,
                 "flops_per_model_epoch": fpe,
-                "matmul_peak_gflops_bf16": peak_bf16,
-                "matmul_peak_measurements_gflops": peaks[torch.float32],
-                "matmul_peak_measurements_gflops_bf16": peaks[torch.bfloat16],
+                "matmul_peak_gflops_bf16": peak["bf16"],
+                "matmul_peak_gflops_tf32": peak.get("tf32"),
+                "matmul_peak_measurements_gflops": peaks["fp32"],
+                "matmul_peak_measurements_gflops_bf16": peaks["bf16"],
+                "matmul_peak_measurements_gflops_tf32": peaks.get("tf32"),
                 "torch_threads": torch.get_num_threads(),
-                "device": "cpu",
+                "torch_version": torch.__version__,
+                "device": _device_name(setup.device),
                 "repeats": args.repeats,
                 "results": [asdict(r) for r in results],
-                "summary": summary,
-                "summary_bf16": summary_bf16,
+                "summary": summaries["fp32"],
+                "summary_bf16": summaries["bf16"],
+                "summary_tf32": summaries.get("tf32"),
             },
             indent=2,
         )
     )
     print(f"\nwrote {out}")
     if args.repeats > 1:
-        print(f"each round against its own baseline: {_by_round_line(summary)}")
-        print(f"  with training.precision bf16: {_by_round_line(summary_bf16)}")
-    print(_ceiling_line(summary))
-    print(f"with training.precision bf16: {_summary_line(summary_bf16)}")
-    print(_summary_line(summary))  # the default precision (fp32) is the headline
+        print(f"each round against its own baseline: {_by_round_line(summaries['fp32'])}")
+        for p in precisions[1:]:
+            print(f"  with training.precision {p}: {_by_round_line(summaries[p])}")
+    print(_ceiling_line(summaries["fp32"]))
+    for p in precisions[1:]:
+        print(f"with training.precision {p}: {_summary_line(summaries[p])}")
+    print(_summary_line(summaries["fp32"]))  # the default precision (fp32) is the headline
     return 0
 
 
-def _summary(results: list[Result], suffix: str) -> dict[str, Any]:
-    """Population and service against the baseline, for the contenders named with ``suffix``."""
+def _precision_of(contender: str) -> str:
+    """The precision a contender's matmuls run in, from its name's suffix."""
+    return next((p for p in ("bf16", "tf32") if contender.endswith("_" + p)), "fp32")
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return "cpu"
+
+
+def _summary(
+    results: list[Result],
+    suffix: str,
+    first: int | None = None,
+    target: float = TARGET_SPEEDUP,
+) -> dict[str, Any]:
+    """Population and service against the baseline, for the contenders named with ``suffix``.
+
+    ``first``: the baseline ran only the job's first ``first`` trials (Setup.baseline_trials),
+    so the population's best validation accuracy is taken over those same trials.
+    """
     base = results[0]
     pop_r = next(r for r in results if r.name == "engine_population" + suffix)
     svc = next(r for r in results if r.name == "service" + suffix)
+    pop_best = pop_r.best_val_accuracy if first is None else best_of_first(pop_r, first)
     return {
         "population_vs_baseline": pop_r.trials_per_min / base.trials_per_min,
         "service_vs_baseline": svc.trials_per_min / base.trials_per_min,
-        "quality_delta_pp": (pop_r.best_val_accuracy - base.best_val_accuracy) * 100,
+        "quality_delta_pp": (pop_best - base.best_val_accuracy) * 100,
+        # The population's best over all its trials (more than the baseline's when it ran
+        # only the first ones).
+        "quality_delta_all_trials_pp": (pop_r.best_val_accuracy - base.best_val_accuracy) * 100,
+        "population_size": pop_r.population,
         "paired_quality_delta_pp": (pop_r.notes.get("paired_delta_pp") or (float("nan"),))[0],
         # The same ratios within each round (the contenders ran minutes apart, so a machine
         # that drifts between rounds moves these less than the medians' ratio).
@@ -702,11 +906,15 @@ def _summary(results: list[Result], suffix: str) -> dict[str, Any]:
         # What the population would reach if everything but its epochs' own training and
         # validation (storage, sampling, pruning checks, set-up, the results table) took no
         # time: the ceiling that cutting overhead alone can approach.
-        "population_vs_baseline_without_overhead": base.wall_s / pop_r.notes["sum_epoch_compute_s"],
-        # The share of the matmul peak the population needs end to end for TARGET_SPEEDUP at
-        # its model-epochs (and how much of it the run reached: its peak_share).
+        # (Trials per second each: the baseline may have run fewer trials.)
+        "population_vs_baseline_without_overhead": (
+            pop_r.trials / pop_r.notes["sum_epoch_compute_s"] / (base.trials / base.wall_s)
+        ),
+        # The share of the matmul peak the population needs end to end for the ``target``
+        # ratio at its model-epochs (and how much of it the run reached: its peak_share).
+        "target_speedup": target,
         "peak_share_needed_for_target": (pop_r.peak_share or 0.0)
-        * TARGET_SPEEDUP
+        * target
         / (pop_r.trials_per_min / base.trials_per_min),
     }
 
@@ -715,15 +923,21 @@ def _ceiling_line(summary: dict[str, Any]) -> str:
     return (
         f"population without any overhead (its epochs' training and validation alone): "
         f"{summary['population_vs_baseline_without_overhead']:.2f}x; "
-        f"{TARGET_SPEEDUP:g}x at its model-epochs needs "
-        f"{summary['peak_share_needed_for_target']:.0%} of the matmul peak end to end"
+        f"{summary.get('target_speedup', TARGET_SPEEDUP):g}x at its model-epochs needs "
+        f"{_share(summary['peak_share_needed_for_target'])} of the matmul peak end to end"
     )
 
 
+def _share(x: float) -> str:
+    """A share of the peak: whole percent, one decimal under 10% (a GPU's are small)."""
+    return f"{x:.1%}" if x < 0.1 else f"{x:.0%}"
+
+
 def _by_round(base: Result, other: Result) -> list[float]:
-    """Baseline wall / contender wall in each round (equal trial counts: the trials/min ratio)."""
+    """The trials/minute ratio in each round: baseline wall / contender wall, times the ratio
+    of their trial counts (which every round shares; 1 unless the baseline ran fewer)."""
     walls = zip(base.notes["walls_s"], other.notes["walls_s"], strict=True)
-    return [round(b / o, 2) for b, o in walls]
+    return [round(b / o * other.trials / base.trials, 2) for b, o in walls]
 
 
 def _summary_line(summary: dict[str, Any]) -> str:

@@ -5,18 +5,30 @@ from __future__ import annotations
 from bench.run import Result, _by_round_line, _ceiling_line, _summary, _summary_line
 
 
-def _result(name: str, walls: list[float], best: float = 0.95, compute_s: float = 0.0) -> Result:
+def _result(
+    name: str,
+    walls: list[float],
+    best: float = 0.95,
+    compute_s: float = 0.0,
+    trials: int = 48,
+    values: dict[int, float] | None = None,
+) -> Result:
     median = sorted(walls)[len(walls) // 2]
     return Result(
         name=name,
         wall_s=median,
-        trials=48,
+        trials=trials,
         model_epochs=180,
         best_val_accuracy=best,
-        trials_per_min=48 / median * 60,
+        trials_per_min=trials / median * 60,
         model_epochs_per_s=180 / median,
         peak_share=0.4,
-        notes={"walls_s": walls, "paired_delta_pp": (0.1, 9), "sum_epoch_compute_s": compute_s},
+        notes={
+            "walls_s": walls,
+            "paired_delta_pp": (0.1, 9),
+            "sum_epoch_compute_s": compute_s,
+            "complete_value_by_trial": values or {},
+        },
     )
 
 
@@ -52,4 +64,32 @@ def test_ceiling_without_overhead_and_peak_share_needed() -> None:
     assert _ceiling_line(summary) == (
         "population without any overhead (its epochs' training and validation alone): "
         "4.40x; 5x at its model-epochs needs 55% of the matmul peak end to end"
+    )
+
+
+def test_a_baseline_of_the_first_trials_is_compared_by_rate_and_over_those_trials() -> None:
+    # The baseline ran the first 64 of 512 trials (bench --baseline-trials 64): 64 trials in
+    # 40 s; the population all 512 in 10 s, its best (0.97, trial 300) outside the first 64.
+    values = {3: 0.951, 63: 0.955, 64: 0.99, 300: 0.97}
+    results = [
+        _result("baseline", [40.0, 44.0], best=0.952, trials=64),
+        _result(
+            "engine_population", [10.0, 12.0], best=0.99, compute_s=8.0, trials=512, values=values
+        ),
+        _result("service", [16.0, 20.0], trials=512),
+    ]
+    summary = _summary(results, "", first=64)
+    # trials per minute: 512 / 12 s against 64 / 44 s
+    assert round(summary["population_vs_baseline"], 6) == round((512 / 12) / (64 / 44), 6)
+    assert summary["population_vs_baseline_by_round"] == [
+        round(40 / 10 * 8, 2),
+        round(44 / 12 * 8, 2),
+    ]
+    assert summary["service_vs_baseline_by_round"] == [20.0, round(44 / 20 * 8, 2)]
+    # Quality over the trials both ran (numbers 0-63), and over all of the population's.
+    assert round(summary["quality_delta_pp"], 6) == round((0.955 - 0.952) * 100, 6)
+    assert round(summary["quality_delta_all_trials_pp"], 6) == round((0.99 - 0.952) * 100, 6)
+    # Zero overhead: 512 trials in 8 s of epochs against 64 in 44 s.
+    assert round(summary["population_vs_baseline_without_overhead"], 6) == round(
+        (512 / 8) / (64 / 44), 6
     )
