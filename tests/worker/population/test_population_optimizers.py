@@ -69,10 +69,24 @@ def _grad(p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     ("name", "knobs"), VARIANTS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(VARIANTS)]
 )
 def test_matches_torch_optim(name: str, knobs: list[dict[str, Any]], fused: bool) -> None:
+    _check_matches_torch_optim(name, knobs, fused, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_variant_matches_torch_optim_on_cuda() -> None:
+    """The same check on a GPU: CUDA's fused kernels and batched ops against torch.optim's."""
+    for name, knobs in VARIANTS:
+        for fused in (False, True):
+            _check_matches_torch_optim(name, knobs, fused, torch.device("cuda"))
+
+
+def _check_matches_torch_optim(
+    name: str, knobs: list[dict[str, Any]], fused: bool, device: torch.device
+) -> None:
     configs = _configs(name, knobs)
     P = len(configs)
     gen = torch.Generator().manual_seed(0)
-    stacked = [torch.randn(P, *shape, generator=gen) for shape in SHAPES]
+    stacked = [torch.randn(P, *shape, generator=gen).to(device) for shape in SHAPES]
     singles = [
         [torch.nn.Parameter(t[j].clone()) for t in stacked] for j in range(P)
     ]  # member j's own parameters
@@ -89,7 +103,7 @@ def test_matches_torch_optim(name: str, knobs: list[dict[str, Any]], fused: bool
             batched.set_lr(new_lrs)
             for ref, lr in zip(references, new_lrs, strict=True):
                 ref.param_groups[0]["lr"] = lr
-        noises = [torch.randn(P, *shape, generator=gen) for shape in SHAPES]
+        noises = [torch.randn(P, *shape, generator=gen).to(device) for shape in SHAPES]
         batched.step(stacked, [_grad(p, n) for p, n in zip(stacked, noises, strict=True)])
         for j, (params, ref) in enumerate(zip(singles, references, strict=True)):
             for p, n in zip(params, noises, strict=True):
@@ -99,7 +113,7 @@ def test_matches_torch_optim(name: str, knobs: list[dict[str, Any]], fused: bool
     for j, params in enumerate(singles):
         for t, p in zip(stacked, params, strict=True):
             diff = (t[j] - p.detach()).abs().max().item()
-            assert diff <= TOLERANCE, (name, j, diff)
+            assert diff <= TOLERANCE, (name, fused, device, j, diff)
         # Something happened: the members moved, and differently from each other.
     assert not torch.allclose(stacked[0][0], stacked[0][1])
 

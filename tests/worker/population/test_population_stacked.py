@@ -45,14 +45,26 @@ def _members(n: int, batch_norm: bool, activation: str) -> list[nn.Sequential]:
 @pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_train_step_equals_autograd_per_member(activation: str, batch_norm: bool) -> None:
-    models = _members(3, batch_norm, activation)
-    stack = StackedMLP(
-        models, activation=activation, dropouts=[0.0] * 3, device=torch.device("cpu")
-    )
+    _check_train_step_equals_autograd(activation, batch_norm, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_train_step_equals_autograd_per_member_on_cuda() -> None:
+    for activation in ACTIVATIONS:
+        for batch_norm in (False, True):
+            _check_train_step_equals_autograd(activation, batch_norm, torch.device("cuda"))
+
+
+def _check_train_step_equals_autograd(
+    activation: str, batch_norm: bool, device: torch.device
+) -> None:
+    models = [m.to(device) for m in _members(3, batch_norm, activation)]
+    stack = StackedMLP(models, activation=activation, dropouts=[0.0] * 3, device=device)
     gen = torch.Generator().manual_seed(1)
     X, y = torch.randn(40, 6, generator=gen), torch.randint(0, 4, (40,), generator=gen)
-    rows = torch.stack([torch.randperm(40, generator=gen)[:10] for _ in models])
-    losses = torch.empty(3)
+    X, y = X.to(device), y.to(device)
+    rows = torch.stack([torch.randperm(40, generator=gen)[:10] for _ in models]).to(device)
+    losses = torch.empty(3, device=device)
     correct = stack.train_step(X, y, rows.reshape(-1), losses)
 
     for j, model in enumerate(models):
