@@ -8,8 +8,10 @@ state_dict keys, so ``build_from_architecture`` must produce exactly the same se
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from worker.training.config import TrialConfig
@@ -44,14 +46,25 @@ def make_activation(name: str) -> nn.Module:
     raise ValueError(f"activation: unknown {name!r}")
 
 
-def build_mlp(n_features: int, n_classes: int, config: TrialConfig) -> nn.Sequential:
-    """The trial's MLP on the current default device, initialised with ``config.init``.
+def build_mlp(
+    n_features: int,
+    n_classes: int,
+    config: TrialConfig,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Sequential:
+    """The trial's MLP on ``device`` (default: the current default device), initialised with
+    ``config.init``.
 
-    Draws from the global torch RNG (Linear's own reset and then ``apply_init``), so
-    ``torch.manual_seed(config.seed)`` right before the call fixes the weights.
+    Draws from ``generator``, or the global torch RNG when None (Linear's own reset and then
+    ``apply_init``, in layer order), so ``torch.manual_seed(config.seed)`` right before the
+    call fixes the weights, and a CPU ``torch.Generator().manual_seed(config.seed)`` gives
+    the same ones without touching the global RNG (so several models can be built at once
+    on several threads: the population trainer does).
     """
-    model = _layers(n_features, n_classes, config)
-    apply_init(model, config.init, config.activation)
+    model = _layers(n_features, n_classes, config, generator=generator, device=device)
+    apply_init(model, config.init, config.activation, generator=generator)
     return model
 
 
@@ -94,22 +107,48 @@ def build_from_architecture(arch: dict[str, Any]) -> nn.Sequential:
     return _layers(arch["n_features"], arch["n_classes"], config)
 
 
-def _layers(n_features: int, n_classes: int, config: TrialConfig) -> nn.Sequential:
+def _layers(
+    n_features: int,
+    n_classes: int,
+    config: TrialConfig,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Sequential:
     for name, value, minimum in (("n_features", n_features, 1), ("n_classes", n_classes, 2)):
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"{name}: must be an int >= {minimum}, got {value!r}")
+    device = torch.get_default_device() if device is None else torch.device(device)
     layers: list[nn.Module] = []
     width_in = n_features
     for width in config.hidden_layers:
-        layers.append(nn.Linear(width_in, width))
+        layers.append(_linear(width_in, width, generator, device))
         if config.batch_norm:
-            layers.append(nn.BatchNorm1d(width))
+            layers.append(nn.BatchNorm1d(width, device=device))
         layers.append(make_activation(config.activation))
         if config.dropout > 0.0:
             layers.append(nn.Dropout(config.dropout))
         width_in = width
-    layers.append(nn.Linear(width_in, n_classes))
+    layers.append(_linear(width_in, n_classes, generator, device))
     return nn.Sequential(*layers)
+
+
+def _linear(
+    n_in: int, n_out: int, generator: torch.Generator | None, device: torch.device
+) -> nn.Linear:
+    """``nn.Linear(n_in, n_out)`` with torch's own initialisation drawn from ``generator``.
+
+    ``nn.Linear`` draws it from the global RNG (``reset_parameters``: kaiming_uniform_ with
+    a = sqrt(5), then the bias from U(-1/sqrt(n_in), 1/sqrt(n_in))); the same draws here, in
+    the same order, keep every seed's weights what they were while taking a generator. They
+    are overwritten by ``apply_init`` but advance the stream it draws from next.
+    """
+    layer = nn.Linear(n_in, n_out, device="meta").to_empty(device=device)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+        bound = 1 / math.sqrt(n_in)
+        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer
 
 
 __all__ = [

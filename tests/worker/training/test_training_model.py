@@ -8,11 +8,14 @@ from torch import nn
 
 from worker.training import (
     ACTIVATIONS,
+    INITS,
     TrialConfig,
+    apply_init,
     architecture_dict,
     build_from_architecture,
     build_mlp,
     count_parameters,
+    make_activation,
 )
 
 
@@ -118,3 +121,42 @@ def test_batch_norm_eval_uses_running_stats() -> None:
         assert torch.allclose(alone, in_batch, atol=1e-6)
         model.train()
         assert not torch.allclose(model(x), in_batch, atol=1e-3)  # batch stats differ
+
+
+def _torch_linears_then_init(n_features: int, n_classes: int, config: TrialConfig) -> nn.Sequential:
+    """The MLP as plain nn.Linear layers (torch's own reset on the global RNG), then our init:
+    what build_mlp built before it took a generator."""
+    layers: list[nn.Module] = []
+    width_in = n_features
+    for width in config.hidden_layers:
+        layers.append(nn.Linear(width_in, width))
+        if config.batch_norm:
+            layers.append(nn.BatchNorm1d(width))
+        layers.append(make_activation(config.activation))
+        if config.dropout > 0:
+            layers.append(nn.Dropout(config.dropout))
+        width_in = width
+    layers.append(nn.Linear(width_in, n_classes))
+    return apply_init(nn.Sequential(*layers), config.init, config.activation)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("init", INITS)
+def test_a_generator_gives_the_seeds_weights_without_touching_the_global_rng(
+    init: str, batch_norm: bool
+) -> None:
+    config = TrialConfig(hidden_layers=(24, 12), init=init, batch_norm=batch_norm, dropout=0.2)
+    torch.manual_seed(config.seed)
+    reference = _torch_linears_then_init(20, 4, config).state_dict()
+    torch.manual_seed(config.seed)
+    global_rng = build_mlp(20, 4, config).state_dict()
+    torch.manual_seed(99)
+    before = torch.get_rng_state()
+    mine = build_mlp(
+        20, 4, config, generator=torch.Generator().manual_seed(config.seed), device="cpu"
+    ).state_dict()
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG was not drawn from
+    assert reference.keys() == global_rng.keys() == mine.keys()
+    for key, value in reference.items():
+        assert torch.equal(global_rng[key], value), key
+        assert torch.equal(mine[key], value), key
