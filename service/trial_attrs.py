@@ -379,7 +379,12 @@ def _lock_running(session: Any, trial_ids: Sequence[int]) -> None:
     same thread-local session and so commits whatever was written before it.
     """
     model = models.TrialModel
-    query = session.query(model).filter(model.trial_id.in_(list(trial_ids))).with_for_update()
+    # The three columns it needs, not the ORM objects (a stack's P trials, every epoch).
+    query = (
+        session.query(model.trial_id, model.number, model.state)
+        .filter(model.trial_id.in_(list(trial_ids)))
+        .with_for_update()
+    )
     rows = {row.trial_id: row for row in query}
     for trial_id in trial_ids:
         row = rows.get(trial_id)

@@ -203,24 +203,33 @@ class JobStore:
     def reserve_slots(self, job_id: str, k: int) -> int:
         """Take up to ``k`` trial slots in one transaction; how many (0 when none is left or the
         job is not runnable). A population's slots cost one commit, not one each (43 commits,
-        32 ms, for the bench's 48-trial job). Each slot is the single-slot update, so the
-        budget check is the same row-level one, and the first update takes the write lock
-        before anything is read (no read-then-write upgrade for SQLite to refuse)."""
-        taken = 0
+        32 ms, for the bench's 48-trial job), and three statements, not one per slot (507
+        single-slot updates took 0.16 s on an H200 host's CPU). The first statement writes
+        the job's row without changing it: that takes the row's write lock (SQLite: the
+        database's) before anything is read, so the read and the update after it see no
+        concurrent reservation, and there is no read-then-write upgrade for SQLite to refuse.
+        """
+        if k < 1:
+            return 0
+        runnable = [st.value for st in RUNNABLE_STATES]
         with Session(self.engine) as s, s.begin():
-            while taken < k:
-                res = s.execute(
+            locked = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state.in_(runnable))
+                .values(reserved=Job.reserved)
+            )
+            if locked.rowcount != 1:  # type: ignore[attr-defined]
+                return 0
+            reserved, n_trials = s.execute(
+                select(Job.reserved, Job.n_trials).where(Job.id == job_id)
+            ).one()
+            taken = max(0, min(k, n_trials - reserved))
+            if taken:
+                s.execute(
                     update(Job)
-                    .where(
-                        Job.id == job_id,
-                        Job.reserved < Job.n_trials,
-                        Job.state.in_([st.value for st in RUNNABLE_STATES]),
-                    )
-                    .values(reserved=Job.reserved + 1, updated_at=utcnow())
+                    .where(Job.id == job_id)
+                    .values(reserved=Job.reserved + taken, updated_at=utcnow())
                 )
-                if res.rowcount != 1:  # type: ignore[attr-defined]
-                    break
-                taken += 1
         return taken
 
     def release_slot(self, job_id: str, *, failed: bool = False) -> None:
