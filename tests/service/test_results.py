@@ -168,3 +168,35 @@ def test_progress_answers_as_the_full_read_without_it(database_url: str, directi
             expected.params,
         )
         assert best.number == (2 if direction == "maximize" else 3)
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_top_trials_on_a_database_ranks_as_the_full_read(database_url: str, direction: str) -> None:
+    """top_trials loads only the k best from an RDB storage; the same trials, in the same
+    order (ties: saved weights first, then the earlier trial), as ranking every trial."""
+    from service.studies import make_storage
+
+    s = optuna.create_study(direction=direction, storage=make_storage(database_url))
+    memory = study(direction)
+    for target in (s, memory):
+        for value, attrs in [
+            (0.7, {}),
+            (0.9, {}),
+            (0.9, {MODEL_ARTIFACT_ATTR: "abc"}),
+            (0.1, {}),
+            (0.5, {}),
+            (0.5, {}),
+            (float("inf"), {}),
+        ]:
+            add(target, value, **attrs)
+        add(target, None, TrialState.PRUNED, diverged=True)
+        add(target, None, TrialState.FAIL)
+
+    def ranked(st: optuna.Study, k: int) -> list[tuple[int, float | None, dict[str, object]]]:
+        return [(t.number, t.value, t.user_attrs) for t in top_trials(st, k)]
+
+    for k in (1, 3, 10):
+        assert ranked(s, k) == ranked(memory, k)
+    expected_first = [6, 2, 1] if direction == "maximize" else [3, 4, 5]
+    assert [n for n, _, _ in ranked(s, 3)] == expected_first
+    assert len(ranked(s, 10)) == 7  # COMPLETE trials only
