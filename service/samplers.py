@@ -22,17 +22,43 @@ from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import FrozenTrial
 
 
+def stream_seed(seed: int, number: int, name: str) -> int:
+    """The seed of one draw's stream: a function of (seed, trial number, name) only."""
+    entropy = [seed, number, zlib.crc32(name.encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
 def trial_stream(seed: int, number: int, name: str) -> LazyRandomState:
     """The random state for one draw: a function of (seed, trial number, name) only."""
-    entropy = [seed, number, zlib.crc32(name.encode())]
-    return LazyRandomState(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+    return LazyRandomState(stream_seed(seed, number, name))
+
+
+class _Reseeded(LazyRandomState):
+    """What ``trial_stream`` gives, from a RandomState re-seeded instead of a new one.
+
+    ``RandomState.seed(s)`` puts a RandomState in the state ``RandomState(s)`` starts in (the
+    legacy seeding, the cached Gaussian cleared). A new one costs about 60 us, as numpy first
+    seeds its bit generator from the OS; re-seeding costs about 1 us. Sampling a population
+    of 512 trials of the ``default`` space draws 2,708 times.
+    """
+
+    def __init__(self, state: np.random.RandomState, seed: int) -> None:
+        state.seed(seed)
+        self._rng = state
 
 
 class _DrawsPerTrial:
-    """Mixin for a sampler with a ``_rng``: each independent draw gets its own stream."""
+    """Mixin for a sampler with a ``_rng``: each independent draw gets its own stream, drawn
+    from one RandomState per sampler instance, re-seeded per draw (``_Reseeded``)."""
 
     seed: int
     _rng: LazyRandomState
+    _draws: np.random.RandomState | None = None
+
+    def _stream(self, number: int, name: str) -> LazyRandomState:
+        if self._draws is None:
+            self._draws = np.random.RandomState(0)
+        return _Reseeded(self._draws, stream_seed(self.seed, number, name))
 
     def sample_independent(
         self,
@@ -41,7 +67,7 @@ class _DrawsPerTrial:
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
-        self._rng = trial_stream(self.seed, trial.number, param_name)
+        self._rng = self._stream(trial.number, param_name)
         return super().sample_independent(study, trial, param_name, param_distribution)  # type: ignore[misc]
 
 
@@ -65,5 +91,5 @@ class TrialSeededTPESampler(_DrawsPerTrial, TPESampler):
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        self._rng = trial_stream(self.seed, trial.number, "")  # multivariate: one draw for all
+        self._rng = self._stream(trial.number, "")  # multivariate: one draw for all
         return super().sample_relative(study, trial, search_space)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from optuna.samplers._lazy_random_state import LazyRandomState
 
-from service.samplers import TrialSeededRandomSampler, TrialSeededTPESampler
+from service.samplers import TrialSeededRandomSampler, TrialSeededTPESampler, trial_stream
 
 
 def objective_params(trial: optuna.Trial) -> tuple[object, ...]:
@@ -80,3 +81,45 @@ def test_tpe_workers_with_the_same_history_propose_different_points() -> None:
         a.tell(t, objective_params(t)[0])  # type: ignore[arg-type]
     ta, tb = a.ask(), b.ask()  # both past start-up, same finished history
     assert objective_params(ta) != objective_params(tb)
+
+
+class _FreshRandom(TrialSeededRandomSampler):
+    """The per-draw stream as a new RandomState every time (what the samplers did before
+    they re-seeded one): the reference for the re-seeded one."""
+
+    def _stream(self, number: int, name: str) -> LazyRandomState:
+        return trial_stream(self.seed, number, name)
+
+
+class _FreshTPE(TrialSeededTPESampler):
+    def __init__(self, seed: int, **kwargs: object) -> None:
+        super().__init__(seed, **kwargs)  # type: ignore[arg-type]
+        self._random_sampler = _FreshRandom(seed)
+
+    def _stream(self, number: int, name: str) -> LazyRandomState:
+        return trial_stream(self.seed, number, name)
+
+
+@pytest.mark.parametrize(
+    ("make", "fresh"),
+    [
+        (TrialSeededRandomSampler, _FreshRandom),
+        (
+            lambda seed: TrialSeededTPESampler(seed, n_startup_trials=4),
+            lambda seed: _FreshTPE(seed, n_startup_trials=4),
+        ),
+        (
+            lambda seed: TrialSeededTPESampler(seed, n_startup_trials=4, multivariate=True),
+            lambda seed: _FreshTPE(seed, n_startup_trials=4, multivariate=True),
+        ),
+    ],
+    ids=["random", "tpe", "tpe-multivariate"],
+)
+def test_one_reseeded_random_state_draws_what_a_new_one_per_draw_did(
+    make: type, fresh: type
+) -> None:
+    """Re-seeding the sampler's RandomState per draw changes no trial's parameters (TPE: its
+    start-up draws and the guided ones after them, whose candidates come from the same
+    streams), and two workers still draw alike."""
+    assert run(2, 24, make) == run(2, 24, fresh)
+    assert run(1, 24, make) == run(1, 24, fresh)
