@@ -143,16 +143,10 @@ def _ranked_complete(study: optuna.Study, backend: Any) -> list[tuple[int, int, 
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best COMPLETE trial (diverged trials are PRUNED and never ranked), or None."""
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None
-    ]
-    if not complete:
-        return None
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    return sorted(complete, key=lambda t: _rank(t, maximize))[0]
+    """The best COMPLETE trial (diverged trials are PRUNED and never ranked), or None; on an
+    RDB storage the only trial loaded (``top_trials``)."""
+    top = top_trials(study, 1)
+    return top[0] if top else None
 
 
 def _rank(t: FrozenTrial, maximize: bool) -> tuple[float, bool, int]:
