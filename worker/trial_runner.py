@@ -288,9 +288,27 @@ class TrialContext:
     # (count_finished_into_job), instead of two statements per member; a crash in between is
     # repaired by the reaper, which settles a job's count from its study.
     defer_job_count: bool = False
+    # When a storage call of these trials last gave up on the database (monotonic seconds),
+    # until one succeeds again. A stack's members retry their own writes one after another,
+    # so an allowance per call would stall a stack for P x storage_retry_s in one outage
+    # (500 x 60 s by default for a GPU stack); the outage is one, and so is its allowance.
+    outage_since: float | None = field(default=None, repr=False)
 
     def retry(self, fn: Callable[[], Any], what: str) -> Any:
-        return call_with_retry(fn, deadline_s=self.storage_retry_s, what=what)
+        """``fn`` with retries while the database is away, for what is left of
+        ``storage_retry_s`` since the outage began (at least one try)."""
+        started = time.monotonic()
+        allowance = self.storage_retry_s
+        if self.outage_since is not None:
+            allowance = max(0.0, allowance - (started - self.outage_since))
+        try:
+            result = call_with_retry(fn, deadline_s=allowance, what=what)
+        except Exception as e:
+            if is_transient(e) and self.outage_since is None:
+                self.outage_since = started
+            raise
+        self.outage_since = None
+        return result
 
 
 def ask(rt: JobRuntime, claimed: list[int] | None = None) -> optuna.Trial:
