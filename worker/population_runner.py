@@ -55,6 +55,13 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
     if len(trials) < n:
         release_unasked(ctx, n - len(trials))
     outcomes: dict[int, TrialOutcome] = {}
+    heartbeat = Heartbeat(rt.study._storage, [t._trial_id for t in trials])
+    trial_ids = {t.number: t._trial_id for t in trials}
+
+    def settled(new: dict[int, TrialOutcome]) -> None:
+        """Keep members' outcomes; the heartbeat stops beating for them (see Heartbeat.drop)."""
+        outcomes.update(new)
+        heartbeat.drop(trial_ids[number] for number in new)
 
     def tell(
         finished: list[tuple[tuple[optuna.Trial, TrialConfig], TrialResult]],
@@ -62,18 +69,17 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
     ) -> None:
         """Finish trained members, best first (see _best_first), and keep their outcomes."""
         ordered = _best_first(rt.study, finished)
-        outcomes.update(finish_trials(ctx, [(t, r) for (t, _), r in ordered], stack))
+        settled(finish_trials(ctx, [(t, r) for (t, _), r in ordered], stack))
 
-    with Heartbeat(rt.study._storage, [t._trial_id for t in trials]):
+    with heartbeat:
         prepared, unprepared = prepare_population(ctx, trials)
-        outcomes.update(unprepared)
+        settled(unprepared)
         for group in group_configs([c for _, c in prepared]):
             ctx.pruning.reset()  # the previous stack's trials are finished: epoch 1 again
             members = [prepared[i] for i in group]
             stop = reason_to_stop(ctx, fresh=True)  # a query per stack, not an epoch's training
             if stop is not None:  # SIGTERM or a cancel during an earlier stack: train no more
-                for t, _ in members:
-                    outcomes[t.number] = finish_interrupted(ctx, t, stop)
+                settled({t.number: finish_interrupted(ctx, t, stop) for t, _ in members})
                 continue
             hooks = [epoch_hook(ctx, t) for t, _ in members]
             # Recorded with each member: which trials trained together (their durations are
@@ -119,7 +125,7 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
                 first = True
                 for t, _ in members:
                     if t.number not in outcomes:  # not told when it left the stack
-                        outcomes[t.number] = finish_interrupted(ctx, t, e, counts_as_failure=first)
+                        settled({t.number: finish_interrupted(ctx, t, e, counts_as_failure=first)})
                         first = False
                 continue
             tell(

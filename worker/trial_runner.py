@@ -15,7 +15,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -127,12 +127,21 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def drop(self, trial_ids: Iterable[int]) -> None:
+        """Beat no more for these trials: settled ones need no beat, and one abandoned to the
+        reaper (the database stayed away) must go stale for the reaper to take it while the
+        rest of its stack trains on. The list is replaced, not changed: the beat thread reads
+        it once per beat."""
+        gone = set(trial_ids)
+        self.trial_ids = [t for t in self.trial_ids if t not in gone]
+
     def _beat(self) -> None:
         assert self.interval is not None
         failing = False
         while True:
             try:
-                record_heartbeats(self.storage, self.trial_ids)
+                if self.trial_ids:
+                    record_heartbeats(self.storage, self.trial_ids)
                 if failing:
                     log.info("heartbeat of trials %s recorded again", self.trial_ids)
                 failing = False

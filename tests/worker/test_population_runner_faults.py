@@ -5,6 +5,7 @@ faults are injected at the storage or training call that would raise."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -338,3 +339,50 @@ def test_an_outage_stalls_a_stack_once_not_once_per_member(
     assert 0.4 < stall < 1.5, (stall, len(failed_at))
     job = jobs.get(job_id)
     assert (job.state, job.finished) == ("succeeded", 4)
+
+
+def test_members_that_left_the_stack_are_no_longer_beaten_for(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two of four members diverge in their first epoch and are told (PRUNED) while the other
+    # two train on. The heartbeat used to beat for all four until the stack ended, so a member
+    # abandoned to the reaper (its database away) looked alive as long as its stack trained.
+    _, study, _, _ = submit_job(
+        tmp_path,
+        4,
+        n_trials=4,
+        training={"max_epochs": 8},
+        search_space={
+            "parameters": {
+                "optimizer": {"type": "categorical", "choices": ["sgd"]},
+                "learning_rate": {"type": "categorical", "choices": [50.0, 0.01]},
+                "dropout": {"type": "categorical", "choices": [0.0, 0.1]},
+            }
+        },
+        sampler={"type": "grid"},
+    )
+    settings = Settings(data_root=tmp_path, population=4, heartbeat_interval_s=1)
+    beats: list[set[int]] = []
+    record = trial_runner.record_heartbeats
+
+    def recorded(storage: Any, trial_ids: list[int]) -> None:
+        beats.append(set(trial_ids))
+        record(storage, trial_ids)
+
+    monkeypatch.setattr(trial_runner, "record_heartbeats", recorded)
+
+    class SlowEpochs:  # the two survivors train for about 1.6 s after the others left
+        def epoch_done(self, job_: Any, number: int, metrics: Any) -> None:
+            time.sleep(0.1)
+
+        def trials_done(self, job_: Any, outcomes: Any) -> None:
+            pass
+
+    Worker(settings, once=True, listener=SlowEpochs()).run()
+    trials = study.get_trials()
+    diverged = {t._trial_id for t in trials if t.user_attrs.get("diverged")}
+    survivors = {t._trial_id for t in trials if t.state == TrialState.COMPLETE}
+    assert len(diverged) == len(survivors) == 2, [(t.number, t.state) for t in trials]
+    assert beats[0] == diverged | survivors
+    assert beats[-1] == survivors, beats  # later beats are for the members still training
+    assert all(later <= earlier for earlier, later in itertools.pairwise(beats))
