@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from search_spaces.sampling import suggest
 from service import defaults
 from service.db import Job, JobStore
-from service.db.retry import call_with_retry, describe, is_transient
+from service.db.retry import Backoff, call_with_retry, describe, is_transient
 from service.results import MODEL_ARTIFACT_ATTR
 from service.states import JobState
 from service.studies import (
@@ -914,7 +914,10 @@ def _fail(
 def _after_failing(ctx: TrialContext, fn: Callable[[], Any], what: str) -> None:
     """A step that must follow a committed ``fail_trial``, retried for as long as the database
     stays away: nobody else would take it (the reaper looks at RUNNING trials only), so giving
-    up would lose the trial's grid point or budget slot for good and the job would never end."""
+    up would lose the trial's grid point or budget slot for good and the job would never end.
+    Between rounds it backs off: once an outage has used up its allowance (TrialContext.retry),
+    a round is a single try."""
+    backoff = Backoff()
     while True:
         try:
             ctx.retry(fn, what)
@@ -923,6 +926,7 @@ def _after_failing(ctx: TrialContext, fn: Callable[[], Any], what: str) -> None:
             if not is_transient(e):
                 raise
             log.error("%s: database unavailable (%s); still retrying", what, describe(e))
+            time.sleep(backoff.next())
 
 
 def _requeue(study: optuna.Study, trial: optuna.Trial, *, reason: str) -> None:

@@ -273,9 +273,12 @@ def test_an_outage_after_failing_a_trial_does_not_lose_its_grid_point(
     requeue = trial_runner._requeue
     outage: dict[str, float] = {}
 
+    tries: list[float] = []
+
     def requeue_after_an_outage(*a: Any, **k: Any) -> Any:
         until = outage.setdefault("until", time.monotonic() + 1.0)
         if time.monotonic() < until:
+            tries.append(time.monotonic())
             raise OperationalError("INSERT", {}, Exception("server closed the connection"))
         return requeue(*a, **k)
 
@@ -292,6 +295,8 @@ def test_an_outage_after_failing_a_trial_does_not_lose_its_grid_point(
     holder["worker"] = w = Worker(settings, listener=StopAtOnce())
     w.run()
     assert holder["outcomes"] == {"requeued"}
+    # backing off between tries, not spinning, once the outage used up its allowance
+    assert 3 <= len(tries) <= 12, len(tries)
     Worker(settings, once=True).run()
     job = jobs.get(job.id)
     assert (job.state, job.finished) == ("succeeded", job.n_trials)
