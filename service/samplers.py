@@ -28,13 +28,8 @@ def stream_seed(seed: int, number: int, name: str) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
-def trial_stream(seed: int, number: int, name: str) -> LazyRandomState:
-    """The random state for one draw: a function of (seed, trial number, name) only."""
-    return LazyRandomState(stream_seed(seed, number, name))
-
-
 class _Reseeded(LazyRandomState):
-    """What ``trial_stream`` gives, from a RandomState re-seeded instead of a new one.
+    """What ``LazyRandomState(seed)`` gives, from a RandomState re-seeded instead of a new one.
 
     ``RandomState.seed(s)`` puts a RandomState in the state ``RandomState(s)`` starts in (the
     legacy seeding, the cached Gaussian cleared). A new one costs about 60 us, as numpy first

@@ -7,7 +7,7 @@ import optuna
 import pytest
 from optuna.samplers._lazy_random_state import LazyRandomState
 
-from service.samplers import TrialSeededRandomSampler, TrialSeededTPESampler, trial_stream
+from service.samplers import TrialSeededRandomSampler, TrialSeededTPESampler, stream_seed
 
 
 def objective_params(trial: optuna.Trial) -> tuple[object, ...]:
@@ -83,12 +83,16 @@ def test_tpe_workers_with_the_same_history_propose_different_points() -> None:
     assert objective_params(ta) != objective_params(tb)
 
 
+def _fresh_stream(seed: int, number: int, name: str) -> LazyRandomState:
+    return LazyRandomState(stream_seed(seed, number, name))
+
+
 class _FreshRandom(TrialSeededRandomSampler):
     """The per-draw stream as a new RandomState every time (what the samplers did before
     they re-seeded one): the reference for the re-seeded one."""
 
     def _stream(self, number: int, name: str) -> LazyRandomState:
-        return trial_stream(self.seed, number, name)
+        return _fresh_stream(self.seed, number, name)
 
 
 class _FreshTPE(TrialSeededTPESampler):
@@ -97,7 +101,7 @@ class _FreshTPE(TrialSeededTPESampler):
         self._random_sampler = _FreshRandom(seed)
 
     def _stream(self, number: int, name: str) -> LazyRandomState:
-        return trial_stream(self.seed, number, name)
+        return _fresh_stream(self.seed, number, name)
 
 
 @pytest.mark.parametrize(
