@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,13 +33,29 @@ from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.study._tell import _tell_with_warning
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import func, insert, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
 
+from service.db.jobs import SLOT_RELEASED_ATTR, is_unique_violation
 from service.studies import rdb_backend
 
 FAIL_REASON_ATTR = "fail_reason"
+# A trial its worker fails owes two more writes: its re-queued copy (when asked for) and its
+# budget slot's release. fail_trial records which in the failure's own transaction, and the
+# release marks itself in its own (JobStore.release_slot), so a worker killed between them
+# leaves a failed trial that says what is still owed: the reaper pays it
+# (worker.loop.Worker._settle_failures). "at" is the failure's Unix time: comparable across
+# hosts whatever their time zones, as the naive local datetime_complete is not.
+FAIL_SETTLE_ATTR = "hpo_fail_settle"  # system attribute: {"requeue", "failed", "at"}
+# Written on a failed trial in the same transaction as its re-queued WAITING copy, so the copy
+# is made once whoever tries (the worker, a reaper, both during an outage): unique (trial, key).
+REQUEUED_ATTR = "hpo_requeued"
+REQUEUE_OF_ATTR = "hpo_requeue_of"  # on a WAITING copy: the number of the attempt it replaces
+# Bookkeeping of one attempt: a re-queued copy of the trial must not inherit it.
+ATTEMPT_ATTRS = (FAIL_SETTLE_ATTR, SLOT_RELEASED_ATTR, REQUEUED_ATTR)
 
 
 # A sampled parameter as Optuna stores it: (name, value in internal representation, distribution).
@@ -567,19 +584,30 @@ class _AlreadyFinished(Exception):
     pass
 
 
-def fail_trial(study: optuna.Study, trial_id: int, reason: str) -> bool:
-    """Move a RUNNING trial to FAIL with ``fail_reason`` = ``reason``, in one transaction.
+def fail_trial(
+    study: optuna.Study,
+    trial_id: int,
+    reason: str,
+    *,
+    requeue: bool = False,
+    counts_as_failure: bool = False,
+) -> bool:
+    """Move a RUNNING trial to FAIL with ``fail_reason`` = ``reason``, in one transaction, with
+    what must follow it (FAIL_SETTLE_ATTR: whether it is re-queued, whether its slot's
+    release counts as a failure of the job).
 
     Returns True when the trial is now failed by us: by this call, or by an earlier call with the
     same reason whose commit went through although its answer was lost (so the call is safe to
     repeat after a dropped connection). Returns False when another process finished the trial
     first, e.g. the stale-trial reaper, which never writes a fail_reason.
     """
+    settle = {"requeue": requeue, "failed": counts_as_failure, "at": time.time()}
     storage = study._storage
     backend = rdb_backend(storage)
     if backend is None:
         try:
             storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
+            storage.set_trial_system_attr(trial_id, FAIL_SETTLE_ATTR, settle)
             return bool(storage.set_trial_state_values(trial_id, TrialState.FAIL))
         except UpdateFinishedTrialError:
             return _failed_by_us(storage.get_trial(trial_id), reason)
@@ -591,6 +619,9 @@ def fail_trial(study: optuna.Study, trial_id: int, reason: str) -> bool:
             backend._set_trial_attr_without_commit(
                 session, models.TrialUserAttributeModel, trial_id, FAIL_REASON_ATTR, reason
             )
+            backend._set_trial_attr_without_commit(
+                session, models.TrialSystemAttributeModel, trial_id, FAIL_SETTLE_ATTR, settle
+            )
             row.state = TrialState.FAIL
             row.datetime_complete = datetime.now()
     except _AlreadyFinished:
@@ -600,3 +631,103 @@ def fail_trial(study: optuna.Study, trial_id: int, reason: str) -> bool:
 
 def _failed_by_us(frozen: optuna.trial.FrozenTrial, reason: str) -> bool:
     return frozen.state == TrialState.FAIL and frozen.user_attrs.get(FAIL_REASON_ATTR) == reason
+
+
+def add_requeued_copy(study: optuna.Study, failed_trial_id: int, template: FrozenTrial) -> bool:
+    """Add ``template`` (a WAITING trial) as the re-queued copy of ``failed_trial_id``, once:
+    the failed trial is marked (REQUEUED_ATTR) in the copy's transaction. False when it had
+    been re-queued already (by this caller before a lost answer, by another process)."""
+    storage = study._storage
+    backend = rdb_backend(storage)
+    if backend is None or not isinstance(storage, _CachedStorage):
+        # Other storages (in memory: one process) cannot mark a finished trial: the copy is
+        # found by the REQUEUE_OF_ATTR it carries.
+        number = storage.get_trial(failed_trial_id).number
+        trials = storage.get_all_trials(study._study_id, deepcopy=False)
+        if any(t.system_attrs.get(REQUEUE_OF_ATTR) == number for t in trials):
+            return False
+        storage.create_new_trial(study._study_id, template_trial=template)
+        return True
+    study_id = study._study_id
+    try:
+        with _create_scoped_session(backend.scoped_session) as session:
+            # Optuna's lock for numbering a new trial; it also orders concurrent re-queuers.
+            models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+            session.add(
+                models.TrialSystemAttributeModel(
+                    trial_id=failed_trial_id, key=REQUEUED_ATTR, value_json="true"
+                )
+            )
+            session.flush()  # a second copy of the same trial fails here
+            row = backend._get_prepared_new_trial(study_id, template, session)
+            created = copy.deepcopy(template)  # as Optuna's _create_new_trial returns it
+            created.number, created._trial_id = int(row.number), int(row.trial_id)
+            created.datetime_start = row.datetime_start
+    except IntegrityError as e:
+        if not is_unique_violation(e):
+            raise
+        return False
+    with storage._lock:  # what _CachedStorage.create_new_trial does with the trial it made
+        if study_id not in storage._studies:
+            storage._studies[study_id] = _StudyInfo()
+        storage._add_trials_to_cache(study_id, [created])
+    return True
+
+
+@dataclass(frozen=True)
+class Unsettled:
+    """A trial its worker failed whose slot was never released (the worker died in between)."""
+
+    trial_id: int
+    number: int
+    requeue: bool
+    counts_as_failure: bool
+    reason: str
+    failed_at: float  # Unix time
+
+
+def unsettled_failures(study: optuna.Study, failed_before: float) -> list[Unsettled]:
+    """Trials of ``study`` failed by their worker before ``failed_before`` (Unix time) that
+    still owe their slot's release: one query (see FAIL_SETTLE_ATTR)."""
+    backend = rdb_backend(study._storage)
+    if backend is None:
+        return []
+    T, S, U = models.TrialModel, models.TrialSystemAttributeModel, models.TrialUserAttributeModel
+    R = aliased(S)  # the release marker, beside the FAIL_SETTLE_ATTR row joined below
+    released = (
+        select(R.trial_id).where(R.trial_id == T.trial_id, R.key == SLOT_RELEASED_ATTR).exists()
+    )
+    reason = (
+        select(U.value_json)
+        .where(U.trial_id == T.trial_id, U.key == FAIL_REASON_ATTR)
+        .scalar_subquery()
+    )
+    query = (
+        select(T.trial_id, T.number, S.value_json, reason)
+        .join(S, (S.trial_id == T.trial_id) & (S.key == FAIL_SETTLE_ATTR))
+        .where(
+            T.study_id == study._study_id,
+            T.state == TrialState.FAIL,
+            ~released,
+        )
+        .order_by(T.number)
+    )
+    with _create_scoped_session(backend.scoped_session) as session:
+        rows = session.execute(query).all()
+    out = []
+    for trial_id, number, settle_json, reason_json in rows:
+        settle = json.loads(settle_json)
+        failed_at = float(settle.get("at", 0.0))
+        if failed_at >= failed_before:
+            continue  # still its own worker's to finish
+        out.append(
+            Unsettled(
+                trial_id=trial_id,
+                number=number,
+                requeue=bool(settle.get("requeue")),
+                counts_as_failure=bool(settle.get("failed")),
+                reason=json.loads(reason_json) if reason_json else "",
+                failed_at=failed_at,
+            )
+        )
+    return out

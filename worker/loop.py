@@ -45,6 +45,7 @@ from service.studies import (
     stale_study_names,
 )
 from service.submission import estimate_parameters
+from service.trial_attrs import ATTEMPT_ATTRS, unsettled_failures
 from worker.population_runner import run_population
 from worker.runtime import JobRuntime, RuntimeCache, warm_up
 from worker.stop_flag import StopFlag
@@ -59,6 +60,7 @@ from worker.trial_runner import (
     TrialOutcome,
     WorkerStopping,
     release_slots,
+    requeue_trial,
     run_trial,
 )
 
@@ -332,13 +334,7 @@ class Worker:
 
     def _after_trial(self, job: Job, outcome: TrialOutcome) -> None:
         if outcome.outcome is Outcome.FAILED:
-            fresh = self.jobs.get(job.id)
-            if fresh.failures >= self.settings.max_trial_failures:
-                self.jobs.try_transition(
-                    job.id,
-                    JobState.FAILED,
-                    error=f"{fresh.failures} trials failed; last error: {outcome.reason}",
-                )
+            self._fail_job_at_max_failures(job.id, outcome.reason or "")
         if outcome.outcome is Outcome.CANCELLED:
             self._finish_cancel(job.id)
 
@@ -395,6 +391,7 @@ class Worker:
         study = optuna.load_study(study_name=job.study_name, storage=self.storage)
         if stale:
             fail_stale_trials(study)
+        self._settle_failures(study, job)
         if job.state == JobState.CANCELLING:
             self._finish_cancel(job.id, study)
             return
@@ -403,6 +400,42 @@ class Worker:
             job = self.jobs.sync_finished(job.id, done)
         if job.finished >= job.n_trials:
             self.jobs.try_transition(job.id, JobState.SUCCEEDED)
+
+    def _settle_failures(self, study: optuna.Study, job: Job) -> None:
+        """Trials whose worker failed them and died before re-queueing them or giving their
+        budget slot back (SIGKILL, power loss): do what that worker would have done (see
+        service.trial_attrs.FAIL_SETTLE_ATTR). Without it the slot stayed taken and the job
+        never ended. A failure is left to its own worker for heartbeat_grace_s; after that both
+        may try (one still retrying through an outage, say): the copy and the release are each
+        made once (add_requeued_copy, JobStore.release_slot)."""
+        failed_before = time.time() - self.settings.heartbeat_grace_s
+        for u in unsettled_failures(study, failed_before):
+            try:
+                if u.requeue:
+                    requeue_trial(study, u.trial_id, reason=u.reason)
+                released = self.jobs.release_slot(
+                    job.id, failed=u.counts_as_failure, trial_id=u.trial_id
+                )
+            except Exception as e:
+                if is_transient(e):
+                    raise
+                # One trial's bookkeeping must not stop the reaping of every job after it.
+                log.error("settling failed trial %s of job %s: %s", u.number, job.id, e)
+                continue
+            if not released:
+                continue  # its worker (or another reaper) got there first
+            log.warning(
+                "trial %s of job %s was failed (%s) by a worker that died before finishing "
+                "with it; %s",
+                u.number,
+                job.id,
+                u.reason,
+                "re-queued it with the same parameters and released its budget slot"
+                if u.requeue
+                else "released its budget slot",
+            )
+            if u.counts_as_failure:
+                self._fail_job_at_max_failures(job.id, u.reason)
 
     def _finish_cancel(self, job_id: str, study: optuna.Study | None = None) -> None:
         job = self.jobs.get(job_id)
@@ -428,7 +461,7 @@ class Worker:
         grid = (attrs.get(SPEC_ATTR) or {}).get("sampler", {}).get("type") == "grid"
         if exhausted and grid:
             _requeue_exhausted(study, trial)
-        self.jobs.release_slot(job_id, failed=exhausted)
+        self.jobs.release_slot(job_id, failed=exhausted, trial_id=trial._trial_id)
         log.warning(
             "trial %s of job %s went stale (attempt %d); %s",
             trial.number,
@@ -439,14 +472,21 @@ class Worker:
             else "not retried again; counted as a failure",
         )
         if exhausted:
-            job = self.jobs.get(job_id)
-            if job.failures >= self.settings.max_trial_failures:
-                self.jobs.try_transition(
-                    job_id,
-                    JobState.FAILED,
-                    error=f"{job.failures} trials failed; last error: trial {trial.number} "
-                    f"lost its worker {len(history) + 1} times (crash or out of memory)",
-                )
+            self._fail_job_at_max_failures(
+                job_id,
+                f"trial {trial.number} lost its worker {len(history) + 1} times "
+                "(crash or out of memory)",
+            )
+
+    def _fail_job_at_max_failures(self, job_id: str, last_error: str) -> None:
+        """After a failure counted against the job: fail the job once it has max_trial_failures."""
+        job = self.jobs.get(job_id)
+        if job.failures >= self.settings.max_trial_failures:
+            self.jobs.try_transition(
+                job_id,
+                JobState.FAILED,
+                error=f"{job.failures} trials failed; last error: {last_error}",
+            )
 
 
 def pruner_startup_cap(rt: JobRuntime, siblings: int = 1) -> int:
@@ -536,7 +576,7 @@ def _requeue_exhausted(study: optuna.Study, trial: FrozenTrial) -> None:
     system_attrs: dict[str, Any] = {
         "failed_trial": trial.number,
         "retry_history": [],
-        **trial.system_attrs,
+        **{k: v for k, v in trial.system_attrs.items() if k not in ATTEMPT_ATTRS},
     }
     system_attrs["retry_history"] = [*system_attrs["retry_history"], trial.number]
     system_attrs[REQUEUE_OF_ATTR] = trial.number

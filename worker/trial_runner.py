@@ -40,8 +40,12 @@ from service.studies import (
     waiting_trial_ids,
 )
 from service.trial_attrs import (
+    ATTEMPT_ATTRS,
+    REQUEUE_OF_ATTR,
+    REQUEUED_ATTR,
     PendingParam,
     Tell,
+    add_requeued_copy,
     claim_waiting_trial,
     fail_trial,
     held_params,
@@ -67,7 +71,6 @@ from worker.trial_config import resolve_config, trial_seed
 log = logging.getLogger(__name__)
 
 REQUEUED_FROM_ATTR = "failed_trial"  # same key as Optuna's retry callback: the original number
-REQUEUE_OF_ATTR = "hpo_requeue_of"  # the number of the attempt this WAITING copy replaces
 
 
 class JobCancelled(Exception):
@@ -895,17 +898,24 @@ def _fail(
     Each step is retried while the database is away; failing is idempotent (fail_trial), and
     re-queueing happens only if we failed the trial: when the stale-trial reaper failed it first,
     its retry callback has already re-queued it and released the slot."""
-    rt, n = ctx.rt, trial.number
-    ours = ctx.retry(lambda: fail_trial(rt.study, trial._trial_id, reason), f"failing trial {n}")
+    rt, n, trial_id = ctx.rt, trial.number, trial._trial_id
+    ours = ctx.retry(
+        lambda: fail_trial(
+            rt.study, trial_id, reason, requeue=requeue, counts_as_failure=counts_as_failure
+        ),
+        f"failing trial {n}",
+    )
     if not ours:
         return _lost(ctx, trial)
+    # If this process dies before the next two steps end, the failure recorded what they owe
+    # and the reaper pays it (Worker._settle_failures); both are idempotent.
     if requeue:
         _after_failing(
-            ctx, lambda: _requeue(rt.study, trial, reason=reason), f"re-queueing trial {n}"
+            ctx, lambda: requeue_trial(rt.study, trial_id, reason=reason), f"re-queueing trial {n}"
         )
     _after_failing(
         ctx,
-        lambda: ctx.jobs.release_slot(rt.job_id, failed=counts_as_failure),
+        lambda: ctx.jobs.release_slot(rt.job_id, failed=counts_as_failure, trial_id=trial_id),
         f"releasing the slot of trial {n}",
     )
     return TrialOutcome(outcome, n, reason=reason)
@@ -913,10 +923,11 @@ def _fail(
 
 def _after_failing(ctx: TrialContext, fn: Callable[[], Any], what: str) -> None:
     """A step that must follow a committed ``fail_trial``, retried for as long as the database
-    stays away: nobody else would take it (the reaper looks at RUNNING trials only), so giving
-    up would lose the trial's grid point or budget slot for good and the job would never end.
-    Between rounds it backs off: once an outage has used up its allowance (TrialContext.retry),
-    a round is a single try."""
+    stays away. The reaper takes it over only after heartbeat_grace_s and at its next settling
+    pass (Worker._settle_failures: the step is idempotent, so both may try), so this worker
+    keeps at it rather than leave the trial's grid point or budget slot waiting. Between rounds
+    it backs off: once an outage has used up its allowance (TrialContext.retry), a round is a
+    single try."""
     backoff = Backoff()
     while True:
         try:
@@ -929,25 +940,26 @@ def _after_failing(ctx: TrialContext, fn: Callable[[], Any], what: str) -> None:
             time.sleep(backoff.next())
 
 
-def _requeue(study: optuna.Study, trial: optuna.Trial, *, reason: str) -> None:
+def requeue_trial(study: optuna.Study, trial_id: int, *, reason: str) -> None:
     """Put the trial's parameters back as WAITING so the next worker runs them (same seed).
-    Idempotent: a WAITING copy made by an earlier attempt is not made twice."""
-    storage = study._storage
-    frozen = storage.get_trial(trial._trial_id)
-    for t in storage.get_all_trials(study._study_id, deepcopy=False):
-        if t.system_attrs.get(REQUEUE_OF_ATTR) == frozen.number:
-            return
+    Once, whoever calls and however often: the copy's transaction marks the failed trial
+    (add_requeued_copy), so the worker retrying through an outage and a reaper settling its
+    failure meanwhile (Worker._settle_failures) do not both make one."""
+    frozen = study._storage.get_trial(trial_id)
+    if REQUEUED_ATTR in frozen.system_attrs:
+        return
     system_attrs = {
-        k: v for k, v in frozen.system_attrs.items() if k not in (WORKER_ATTR, "requeue_reason")
+        k: v
+        for k, v in frozen.system_attrs.items()
+        if k not in (WORKER_ATTR, "requeue_reason", *ATTEMPT_ATTRS)
     }
     system_attrs.setdefault(REQUEUED_FROM_ATTR, frozen.number)
     system_attrs[REQUEUE_OF_ATTR] = frozen.number
     system_attrs["requeue_reason"] = reason
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=TrialState.WAITING,
-            params=frozen.params,
-            distributions=frozen.distributions,
-            system_attrs=system_attrs,
-        )
+    waiting = optuna.trial.create_trial(
+        state=TrialState.WAITING,
+        params=frozen.params,
+        distributions=frozen.distributions,
+        system_attrs=system_attrs,
     )
+    add_requeued_copy(study, trial_id, waiting)

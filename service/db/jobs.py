@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+from optuna.storages._rdb import models as optuna_models
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,6 +23,18 @@ from service.states import (
     JobState,
     check_transition,
 )
+
+# Written on a failed trial (Optuna's trial_system_attributes) in the same transaction as its
+# slot's release, so the release happens once however often it is tried, by the worker or the
+# reaper (service.trial_attrs.FAIL_SETTLE_ATTR); the unique (trial, key) makes a second one fail.
+SLOT_RELEASED_ATTR = "hpo_slot_released"
+
+
+def is_unique_violation(e: IntegrityError) -> bool:
+    """A duplicate key (SQLite's UNIQUE constraint, PostgreSQL's SQLSTATE 23505), not another
+    integrity error such as a missing foreign key."""
+    orig = e.orig
+    return getattr(orig, "sqlstate", None) == "23505" or "UNIQUE constraint failed" in str(orig)
 
 
 def spec_hash(spec: JobSpec) -> str:
@@ -232,18 +245,33 @@ class JobStore:
                 )
         return taken
 
-    def release_slot(self, job_id: str, *, failed: bool = False) -> None:
-        """Give a slot back (its trial failed or was never asked); ``failed`` counts a trial failure."""
-        with Session(self.engine) as s, s.begin():
-            s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.reserved > 0)
-                .values(
-                    reserved=Job.reserved - 1,
-                    failures=Job.failures + (1 if failed else 0),
-                    updated_at=utcnow(),
+    def release_slot(
+        self, job_id: str, *, failed: bool = False, trial_id: int | None = None
+    ) -> bool:
+        """Give a slot back (its trial failed or was never asked); ``failed`` counts a trial
+        failure. With the failed trial's Optuna ``trial_id`` the release marks that trial
+        (SLOT_RELEASED_ATTR) in the same transaction and happens at most once per trial:
+        False when it had happened already."""
+        try:
+            with Session(self.engine) as s, s.begin():
+                if trial_id is not None:
+                    marker = optuna_models.TrialSystemAttributeModel
+                    s.add(marker(trial_id=trial_id, key=SLOT_RELEASED_ATTR, value_json="true"))
+                    s.flush()  # an earlier or concurrent release of this trial fails here
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.reserved > 0)
+                    .values(
+                        reserved=Job.reserved - 1,
+                        failures=Job.failures + (1 if failed else 0),
+                        updated_at=utcnow(),
+                    )
                 )
-            )
+        except IntegrityError as e:
+            if trial_id is None or not is_unique_violation(e):
+                raise
+            return False  # released already (unique trial and key), by us or another process
+        return True
 
     def record_finished(self, job_id: str) -> Job:
         """Count one COMPLETE/PRUNED trial; returns the updated job."""

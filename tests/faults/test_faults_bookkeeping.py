@@ -18,7 +18,7 @@ from service.states import JobState
 from service.trial_attrs import Tell, fail_trial, tell_trials
 from tests.faults._harness import FaultEnv, small_spec
 from worker.loop import Worker
-from worker.trial_runner import _requeue, sync_finished
+from worker.trial_runner import requeue_trial, sync_finished
 
 GRACE = 1
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
@@ -90,8 +90,8 @@ def test_requeue_is_made_once(sqlite_env: FaultEnv) -> None:
     study, trial = _start_trial(w, job.id)
     trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)
     assert fail_trial(study, trial._trial_id, "requeued: test")
-    _requeue(study, trial, reason="requeued: test")
-    _requeue(study, trial, reason="requeued: test")  # retried after a lost answer
+    requeue_trial(study, trial._trial_id, reason="requeued: test")
+    requeue_trial(study, trial._trial_id, reason="requeued: test")  # retried after a lost answer
     waiting = [t for t in env.trials(job) if t.state == TrialState.WAITING]
     assert len(waiting) == 1 and waiting[0].params == env.trial(job, trial.number).params
 
@@ -130,3 +130,40 @@ def test_finished_count_is_restored_from_the_study(sqlite_env: FaultEnv, tmp_pat
     assert j.finished == 1 and j.state == "succeeded"
     assert JobStore(env.engine).sync_finished(job.id, 0).finished == 1  # never lowered
     assert isinstance(env.settings, Settings)
+
+
+def test_a_failure_its_worker_did_not_finish_is_settled_once_by_the_reaper(
+    sqlite_env: FaultEnv,
+) -> None:
+    """A worker died after failing its trial (the failure counts against the job) and before
+    re-queueing it or giving its slot back: the next reaper, once heartbeat_grace_s has passed,
+    re-queues it and releases the slot counting the failure, once however often it reaps; a
+    job at max_trial_failures fails with the trial's reason. The copy carries none of the
+    attempt's bookkeeping, so its own failure is settled on its own."""
+    env = sqlite_env
+    job = env.submit(small_spec("settle", grid=True))
+    w = _worker(env, max_trial_failures=1)
+    env.jobs.transition(job.id, JobState.RUNNING)
+    study, trial = _start_trial(w, job.id)
+    assert fail_trial(
+        study, trial._trial_id, "ValueError: boom", requeue=True, counts_as_failure=True
+    )  # ... and the process died here
+    w.reap(force=True)  # within the grace: left to the failing worker
+    assert env.job(job.id).reserved == 1
+    time.sleep(GRACE + 0.2)
+    for _ in range(2):  # each new worker's first reap settles every running job
+        _worker(env, max_trial_failures=1).reap(force=True)
+    j = env.job(job.id)
+    assert (j.reserved, j.failures, j.state) == (0, 1, "failed"), env.describe(job)
+    assert "ValueError: boom" in (j.error or "")
+    copies = [t for t in env.trials(job) if t.system_attrs.get("hpo_requeue_of") == trial.number]
+    assert len(copies) == 1 and copies[0].state == TrialState.WAITING
+    assert not {"hpo_fail_settle", "hpo_slot_released"} & copies[0].system_attrs.keys()
+    # The worker, had it lived (or come back from an outage), finds its steps done already.
+    requeue_trial(study, trial._trial_id, reason="ValueError: boom")
+    assert not env.jobs.release_slot(job.id, failed=True, trial_id=trial._trial_id)
+    j = env.job(job.id)
+    assert (j.reserved, j.failures) == (0, 1)
+    assert [
+        t.number for t in env.trials(job) if t.system_attrs.get("hpo_requeue_of") == trial.number
+    ] == [copies[0].number]

@@ -29,6 +29,7 @@ from tests.faults._harness import (
     worker_of,
     worker_pid,
 )
+from tests.support import killpoint
 
 pytestmark = pytest.mark.slow
 
@@ -259,3 +260,61 @@ def test_trial_that_always_fails_fails_its_job_after_bounded_attempts(
 
 def _prlimit(pid: int, limit_bytes: int) -> None:
     resource.prlimit(pid, resource.RLIMIT_AS, (limit_bytes, limit_bytes))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("killed_at", "population"),
+    [
+        ("worker.trial_runner:requeue_trial", 1),
+        ("service.db.jobs:JobStore.release_slot", 1),
+        ("worker.trial_runner:requeue_trial", 2),
+    ],
+    ids=["before-the-requeue", "before-the-slot-release", "population-before-the-requeue"],
+)
+def test_sigkill_while_failing_a_trial_loses_neither_its_parameters_nor_its_slot(
+    sqlite_env: FaultEnv, figure: Callable[[str], None], killed_at: str, population: int
+) -> None:
+    """A worker stopped by SIGTERM fails its trial, re-queues it and gives its budget slot back,
+    three commits. SIGKILLed between them (at the re-queue, or at the slot's release), it
+    leaves a FAIL trial, no heartbeat to go stale, and the slot taken: all the job's slots, so
+    no other worker could ever take its trial and the job never ended. The failure records what
+    it still owes; another worker's reaper re-queues it once and releases the slot once. In a
+    stack the kill comes at the first member; the others are still RUNNING and go stale."""
+    env = sqlite_env
+    job = env.submit(slow_spec("failkill", n_trials=population, epochs=2))
+    a = env.worker("a", HPO_POPULATION=str(population), **killpoint.env(killed_at))
+    env.wait(
+        lambda: len([t for t in env.trials(job) if t.state == TrialState.RUNNING]) == population,
+        120,
+        "worker a to start its trials",
+        [job],
+    )
+    time.sleep(0.5)
+    a.signal(signal.SIGTERM)
+    assert stopped(a, 30) == -signal.SIGKILL, env.logs()
+    assert f"killpoint: SIGKILL at {killed_at}" in a.log_tail(), env.logs()
+    failed = [t for t in env.trials(job) if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "requeued" in failed[0].user_attrs["fail_reason"]
+    victim = failed[0]
+    copies = [t for t in env.trials(job) if t.system_attrs.get("hpo_requeue_of") == victim.number]
+    assert len(copies) == (0 if "requeue" in killed_at else 1), env.describe(job)
+    assert env.job(job.id).reserved == population  # the dead worker's: nobody can take a trial
+
+    b = env.worker("b")
+    started = time.monotonic()
+    env.wait_state(job, {"succeeded"}, 120)
+    took = time.monotonic() - started
+    trials = env.assert_finished_on_budget(job)
+    copies = [t for t in trials if t.system_attrs.get("hpo_requeue_of") == victim.number]
+    assert len(copies) == 1, env.describe(job)  # re-queued once, by whichever got there
+    assert copies[0].state == TrialState.COMPLETE and copies[0].params == victim.params
+    assert "hpo_fail_settle" not in copies[0].system_attrs  # the attempt's bookkeeping stays
+    j = env.job(job.id)
+    # released once each (the stale members by the stale-trial reaper), no failure counted
+    assert j.reserved == population and j.failures == 0, env.describe(job)
+    assert grep_logs([b], "died before finishing with it"), env.logs()
+    figure(
+        f"SIGKILL at {killed_at.split(':')[1]} while failing a trial (P={population}): the "
+        f"next worker's reaper re-queued it and freed its slot; job succeeded {took:.1f} s "
+        "after that worker started"
+    )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 import optuna
@@ -15,11 +17,17 @@ from optuna.trial import TrialState
 from sqlalchemy import event, func, select
 
 from service.config import Settings
+from service.db import JobStore, create_schema, make_engine
+from service.spec import JobSpec
 from service.studies import make_storage, rdb_backend, waiting_trial_ids
 from service.trial_attrs import (
+    REQUEUE_OF_ATTR,
+    REQUEUED_ATTR,
     Tell,
+    add_requeued_copy,
     claim_waiting_trial,
     create_trials,
+    fail_trial,
     held_params,
     new_trials,
     record_heartbeats,
@@ -27,7 +35,9 @@ from service.trial_attrs import (
     start_trial,
     start_trials,
     tell_trials,
+    unsettled_failures,
 )
+from tests.support.specs import random_spec
 
 
 def _sample(trial: optuna.Trial) -> dict[str, object]:
@@ -527,3 +537,95 @@ def test_without_heartbeats_no_beat_is_written(database_url: str) -> None:
             conn.execute(select(func.count()).select_from(models.TrialHeartbeatModel)).scalar() == 0
         )
     storage.engine.dispose()
+
+
+def test_a_failure_owes_its_slot_release_until_it_is_made_once(database_url: str) -> None:
+    """fail_trial records what the failure owes (FAIL_SETTLE_ATTR); unsettled_failures lists
+    the worker-failed trials older than the cut-off whose slot was not released; a release
+    naming the trial happens once, also when racing threads try it together."""
+    engine = make_engine(database_url)
+    create_schema(engine)
+    jobs = JobStore(engine)
+    storage = make_storage(database_url)
+    job, _ = jobs.create(JobSpec.model_validate(random_spec(n_trials=4)))
+    assert jobs.reserve_slots(job.id, 4) == 4
+    study = optuna.create_study(storage=storage)
+    a, b, c = (study.ask() for _ in range(3))
+    assert fail_trial(study, a._trial_id, "requeued: stop", requeue=True)
+    assert fail_trial(study, b._trial_id, "ValueError: boom", counts_as_failure=True)
+    storage.set_trial_state_values(c._trial_id, TrialState.FAIL)  # as the stale reaper fails
+
+    later = time.time() + 60
+    owed = unsettled_failures(study, later)
+    assert [(u.number, u.requeue, u.counts_as_failure, u.reason) for u in owed] == [
+        (a.number, True, False, "requeued: stop"),
+        (b.number, False, True, "ValueError: boom"),
+    ]
+    assert all(later - 70 < u.failed_at < later for u in owed)
+    assert unsettled_failures(study, time.time() - 60) == []  # too recent
+
+    assert jobs.release_slot(job.id, trial_id=a._trial_id)
+    assert not jobs.release_slot(job.id, trial_id=a._trial_id)  # repeated: nothing happens
+    with ThreadPoolExecutor(4) as pool:  # racing releases of b: one wins
+        won = list(
+            pool.map(
+                lambda _: jobs.release_slot(job.id, failed=True, trial_id=b._trial_id), range(4)
+            )
+        )
+    assert won.count(True) == 1, won
+    j = jobs.get(job.id)
+    assert (j.reserved, j.failures) == (2, 1)
+    assert unsettled_failures(study, later) == []
+    storage.engine.dispose()
+    engine.dispose()
+
+
+def test_a_failed_trial_gets_one_requeued_copy_however_many_try_at_once(
+    database_url: str,
+) -> None:
+    """The worker retrying through an outage and a reaper settling its failure may re-queue
+    the same trial at the same moment: the copy's transaction marks the failed trial
+    (REQUEUED_ATTR, unique), so one of them makes the copy and the others are told so."""
+    storage = make_storage(database_url)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    assert fail_trial(study, trial._trial_id, "requeued: stop", requeue=True)
+    frozen = storage.get_trial(trial._trial_id)
+    template = optuna.trial.create_trial(
+        state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions
+    )
+    start = threading.Barrier(4)
+
+    def requeue(_: int) -> bool:
+        start.wait()
+        return add_requeued_copy(study, trial._trial_id, template)
+
+    with ThreadPoolExecutor(4) as pool:
+        made = list(pool.map(requeue, range(4)))
+    assert made.count(True) == 1, made
+    assert not add_requeued_copy(study, trial._trial_id, template)  # and later: none either
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].params == frozen.params
+    assert waiting[0].number == 1 and REQUEUED_ATTR not in waiting[0].system_attrs
+    assert REQUEUED_ATTR in storage.get_trial(trial._trial_id).system_attrs
+    storage.engine.dispose()
+
+
+def test_a_requeued_copy_on_other_storages_is_found_by_the_attempt_it_replaces() -> None:
+    """In memory (one process) a finished trial cannot be marked: a copy carrying the failed
+    trial's number in REQUEUE_OF_ATTR is what makes a second re-queue a no-op."""
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    assert fail_trial(study, trial._trial_id, "requeued: stop", requeue=True)
+    template = optuna.trial.create_trial(
+        state=TrialState.WAITING,
+        params=trial.params,
+        distributions=trial.distributions,
+        system_attrs={REQUEUE_OF_ATTR: trial.number},
+    )
+    assert add_requeued_copy(study, trial._trial_id, template)
+    assert not add_requeued_copy(study, trial._trial_id, template)
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [t.params for t in waiting] == [trial.params]

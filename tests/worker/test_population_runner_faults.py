@@ -270,7 +270,7 @@ def test_an_outage_after_failing_a_trial_does_not_lose_its_grid_point(
     storage = make_storage(settings.resolved_database_url, settings)
     spec = JobSpec.model_validate(grid_spec())
     job = submit(spec, settings=settings, jobs=jobs, storage=storage)[0]
-    requeue = trial_runner._requeue
+    requeue = trial_runner.requeue_trial
     outage: dict[str, float] = {}
 
     tries: list[float] = []
@@ -282,7 +282,7 @@ def test_an_outage_after_failing_a_trial_does_not_lose_its_grid_point(
             raise OperationalError("INSERT", {}, Exception("server closed the connection"))
         return requeue(*a, **k)
 
-    monkeypatch.setattr(trial_runner, "_requeue", requeue_after_an_outage)
+    monkeypatch.setattr(trial_runner, "requeue_trial", requeue_after_an_outage)
     holder: dict[str, Any] = {}
 
     class StopAtOnce:
