@@ -141,9 +141,21 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
     return [outcomes[t.number] for t in trials]
 
 
+# Stacks up to this size list their members in each member's ``population`` attribute. A
+# GPU stack holds hundreds: listing them all in every member would write O(P^2) numbers
+# (1.3 MB of JSON for the bench's 507-member stack); its members name the stack by ``first``.
+LISTED_MEMBERS_MAX = 64
+
+
 def _stack_attr(trials: list[optuna.Trial]) -> dict[str, Any]:
-    """The ``population`` user attribute of a stack's members: its size, their numbers."""
-    return {"size": len(trials), "trials": sorted(t.number for t in trials)}
+    """The ``population`` user attribute of a stack's members: its size, its first (lowest)
+    trial number, which names the stack within the study (a trial trains in one stack), and,
+    up to LISTED_MEMBERS_MAX members, their numbers."""
+    numbers = sorted(t.number for t in trials)
+    attr: dict[str, Any] = {"size": len(numbers), "first": numbers[0]}
+    if len(numbers) <= LISTED_MEMBERS_MAX:
+        attr["trials"] = numbers
+    return attr
 
 
 _TOLD = (Outcome.COMPLETE, Outcome.PRUNED, Outcome.DIVERGED)

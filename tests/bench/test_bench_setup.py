@@ -11,6 +11,7 @@ from bench.run import (
     contenders,
     job_spec,
     make_setup,
+    run_engine,
 )
 
 NO_MNIST = Path("/nonexistent")  # digits: the bench's fallback data
@@ -44,3 +45,14 @@ def test_overrides_and_a_subset_as_large_as_the_job_is_the_whole_job() -> None:
     assert (setup.n_trials, setup.epochs, setup.baseline_trials) == (100, 3, 20)
     whole = make_setup(False, "cuda", NO_MNIST, trials=50, baseline_trials=50)
     assert whole.baseline_trials is None and whole.n_baseline_trials == 50
+
+
+def test_an_engine_run_reports_the_stacks_its_trials_trained_in(tmp_path: Path) -> None:
+    """run_engine reads each stack once, by the ``population`` attribute's ``first`` trial;
+    trials trained alone belong to none."""
+    setup = make_setup(True, "cpu", NO_MNIST, trials=7, epochs=1)
+    result, _curve = run_engine(setup, job_spec(setup, "engine_population"), 3, tmp_path)
+    sizes = result.notes["stack_sizes"]
+    assert sizes and all(2 <= s <= 3 for s in sizes), sizes
+    assert result.population == max(sizes)
+    assert result.trials == 7 and 7 - sum(sizes) >= 0

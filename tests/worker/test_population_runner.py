@@ -20,7 +20,7 @@ from service.spec import JobSpec
 from service.studies import make_storage
 from service.submission import submit
 from tests.support.specs import random_spec
-from worker import trial_runner
+from worker import population_runner, trial_runner
 from worker.loop import Worker
 
 
@@ -181,11 +181,37 @@ def test_each_member_records_the_stack_it_trained_in(tmp_path: Path) -> None:
         assert t.state in (TrialState.COMPLETE, TrialState.PRUNED)
         stack = t.user_attrs["population"]
         assert t.number in stack["trials"] and stack["size"] == len(stack["trials"])
+        assert stack["first"] == min(stack["trials"])
         stacks[t.number] = tuple(stack["trials"])
     # the stacks partition the job's trials: every member names the same stack-mates
     assert all(stacks[n] == stack for stack in set(stacks.values()) for n in stack)
     assert sorted(n for stack in set(stacks.values()) for n in stack) == list(range(10))
     assert len(set(stacks.values())) >= 3  # 2 start-up trials, then stacks of at most 4
+
+
+def test_a_large_stack_names_itself_by_its_first_trial_without_listing_its_members(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above LISTED_MEMBERS_MAX members (hundreds on a GPU) each member records the stack's
+    size and first trial only: listing every member in every member is O(P^2) storage."""
+    monkeypatch.setattr(population_runner, "LISTED_MEMBERS_MAX", 3)
+    settings, study, _, _ = submit_job(
+        tmp_path, 4, n_trials=8, training={"max_epochs": 2, "early_stopping": None}
+    )
+    assert Worker(settings, once=True).run() == 8
+    by_first: dict[int, list[int]] = {}
+    for t in study.trials:
+        stack = t.user_attrs["population"]
+        by_first.setdefault(stack["first"], []).append(t.number)
+        assert ("trials" in stack) == (stack["size"] <= 3), stack
+    # ``first`` names each stack: its members, the lowest first, as many as its size
+    assert sorted(n for ns in by_first.values() for n in ns) == list(range(8))
+    for first, members in by_first.items():
+        assert min(members) == first
+        assert all(
+            study.trials[n].user_attrs["population"]["size"] == len(members) for n in members
+        )
+    assert any(len(members) == 4 for members in by_first.values())  # unlisted, above 3
 
 
 def test_a_sequential_trial_records_no_stack(tmp_path: Path) -> None:

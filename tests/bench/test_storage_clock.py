@@ -1,0 +1,70 @@
+"""bench.storage_clock: the training thread's time in storage code, sampled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from bench.storage_clock import ENV_DIR, StorageClock, read_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _queries_for(seconds: float, url: str) -> None:
+    engine = create_engine(url)
+    with engine.connect() as c:
+        c.execute(text("create table if not exists t (x integer)"))
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            c.execute(text("insert into t values (1)"))
+            c.execute(text("select count(*) from t")).scalar()
+    engine.dispose()
+
+
+def _python_for(seconds: float) -> int:
+    end, n = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        n += sum(range(100))
+    return n
+
+
+def test_time_in_sqlalchemy_counts_as_storage_and_plain_python_does_not(tmp_path: Path) -> None:
+    clock = StorageClock().start()
+    _queries_for(0.4, f"sqlite:///{tmp_path / 'a.db'}")
+    middle = clock.totals()
+    _python_for(0.4)
+    time.sleep(0.2)  # off the CPU: observed, not storage
+    clock.stop()
+    end = clock.totals()
+    # About 0.4 s in queries, then 0.6 s elsewhere; bounds loose for a loaded CI machine.
+    assert middle["storage_s"] > 0.25, middle
+    assert end["storage_s"] - middle["storage_s"] < 0.1, (middle, end)
+    assert 0.8 < end["observed_s"] < 2.5, end
+
+
+def test_a_process_started_with_the_hook_writes_its_totals(tmp_path: Path) -> None:
+    """What the benchmark's service workers run: Python starts the clock from the hook folder."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "bench" / "storage_hook"),
+        ENV_DIR: str(tmp_path),
+        "STORAGE_CLOCK_REPO": str(REPO),
+    }
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]);"
+        "from tests.bench.test_storage_clock import _queries_for;"
+        "_queries_for(0.4, sys.argv[2]); time.sleep(0.15)"
+    )
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    subprocess.run([sys.executable, "-c", code, str(REPO), url], env=env, check=True, timeout=60)
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1, files
+    totals = read_dir(tmp_path)
+    assert totals == json.loads(files[0].read_text())
+    assert 0.25 < totals["storage_s"] <= totals["observed_s"], totals
