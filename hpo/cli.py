@@ -175,7 +175,13 @@ def serve(
         check_bind_allowed(settings)
     except HPOError as e:
         raise fail(str(e), 2) from None
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_keep_alive=settings.keep_alive_s,
+    )
 
 
 @app.command()

@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     # API
     host: str = "127.0.0.1"
     port: int = 8000
+    keep_alive_s: int = Field(
+        default=defaults.KEEP_ALIVE_S,
+        ge=1,
+        description="How long the API keeps an idle HTTP connection open. Longer than a "
+        "client's own idle expiry (httpx: 5 s), so a client never sends on a connection the "
+        "server is closing at the same moment.",
+    )
     api_tokens: str = Field(
         default="",
         description="Comma-separated 'owner:token' pairs (or bare tokens); empty disables auth (loopback only).",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
+import time
+
 import numpy as np
 import pytest
 import yaml
@@ -88,3 +91,25 @@ def test_dashboard_serves_the_studies(live: Live, finished_job: dict[str, object
         assert found[0]["directions"] == ["maximize"]
     finally:
         proc.stop()
+
+
+def test_serve_keeps_an_idle_connection_open_past_a_clients_expiry(live: Live) -> None:
+    """A client reuses an idle connection for up to its own expiry (httpx: 5 s). uvicorn's
+    default keep-alive is also 5 s, so a request sent at that moment met a closing socket
+    ("Server disconnected without sending a response"); ``hpo serve`` keeps it open longer."""
+    host, port = live.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200
+        sock = conn.sock
+        time.sleep(6.0)  # past httpx's expiry and uvicorn's default keep-alive
+        conn.request("GET", "/healthz")  # on the same socket: http.client does not reconnect
+        again = conn.getresponse()
+        again.read()
+        assert again.status == 200
+        assert conn.sock is sock
+    finally:
+        conn.close()
