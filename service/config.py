@@ -60,6 +60,13 @@ class Settings(BaseSettings):
         description="How long a running trial rides out an unreachable database before it is "
         "abandoned to the stale-trial reaper (which fails and re-queues it).",
     )
+    epoch_report_interval_s: float = Field(
+        default=defaults.EPOCH_REPORT_INTERVAL_S,
+        ge=0,
+        description="A population writes its members' epoch values (intermediate values) at "
+        "most this often, and each member's with its result: live curves lag by about this. "
+        "0 writes every epoch.",
+    )
     device: str = Field(default="auto", description="auto | cpu | cuda")
     torch_threads: int | None = Field(
         default=None,

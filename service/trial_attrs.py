@@ -28,6 +28,7 @@ from optuna import distributions
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.pruners import _filter_study
+from optuna.storages import RDBStorage
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
@@ -425,44 +426,55 @@ def set_intermediate_values(
     """
     storage = study._storage
     backend = rdb_backend(storage)
+    rows = [(trial._trial_id, step, value) for trial, step, value in values]
     if backend is None:
-        for trial, step, value in values:
-            trial.report(value, step)
-        return
-    with _create_scoped_session(backend.scoped_session, True) as session:
-        _lock_running(session, [trial._trial_id for trial, _, _ in values])
-        insert = _UPSERTS.get(backend.engine.name)
-        if insert is None:
-            for trial, step, value in values:
-                backend._set_trial_intermediate_value_without_commit(
-                    session, trial._trial_id, step, value
-                )
-        else:  # one upsert on the (trial_id, step) key for all, as Optuna's write per value
-            model = models.TrialIntermediateValueModel
-            rows = []
-            for trial, step, value in values:
-                stored, kind = model.intermediate_value_to_stored_repr(value)
-                rows.append(
-                    {
-                        "trial_id": trial._trial_id,
-                        "step": step,
-                        "intermediate_value": stored,
-                        "intermediate_value_type": kind,
-                    }
-                )
-            _upsert_rows(session, insert, model, ("trial_id", "step"), rows)
+        # The storage's own write, not Trial.report: that skips a step already in the
+        # trial's cached copy, where a buffered report (worker.epoch_reports) puts it first.
+        for trial_id, step, value in rows:
+            storage.set_trial_intermediate_value(trial_id, step, value)
+    else:
+        with _create_scoped_session(backend.scoped_session, True) as session:
+            _lock_running(session, [trial_id for trial_id, _, _ in rows])
+            _write_intermediate_values(session, backend, rows)
     for trial, step, value in values:
         trial._cached_frozen_trial.intermediate_values[step] = value
 
 
+def _write_intermediate_values(
+    session: Any, backend: RDBStorage, rows: Sequence[tuple[int, int, float]]
+) -> None:
+    """Write ``(trial_id, step, value)`` rows in an open transaction, as Optuna's
+    ``set_trial_intermediate_value`` does one by one: an upsert on (trial_id, step)."""
+    insert = _UPSERTS.get(backend.engine.name)
+    if insert is None:
+        for trial_id, step, value in rows:
+            backend._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
+        return
+    model = models.TrialIntermediateValueModel
+    records = []
+    for trial_id, step, value in rows:
+        stored, kind = model.intermediate_value_to_stored_repr(value)
+        records.append(
+            {
+                "trial_id": trial_id,
+                "step": step,
+                "intermediate_value": stored,
+                "intermediate_value_type": kind,
+            }
+        )
+    _upsert_rows(session, insert, model, ("trial_id", "step"), records)
+
+
 @dataclass(frozen=True)
 class Tell:
-    """A trained trial's result: its final state, value and user attributes."""
+    """A trained trial's result: its final state, value and user attributes, and the
+    intermediate values (step: value) it reported that are not written yet."""
 
     trial_id: int
     state: TrialState  # COMPLETE (with ``value``) or PRUNED
     value: float | None = None
     user_attrs: dict[str, Any] = field(default_factory=dict)
+    intermediate_values: dict[int, float] = field(default_factory=dict)
 
 
 def tell_trials(study: optuna.Study, tells: Sequence[Tell]) -> list[bool]:
@@ -507,6 +519,11 @@ def tell_trials(study: optuna.Study, tells: Sequence[Tell]) -> list[bool]:
                 raise ValueError(f"Cannot tell a {state.name} trial (id {t.trial_id}).")
         todo = [t for t in tells if states[t.trial_id] == TrialState.RUNNING]
         if todo:
+            _write_intermediate_values(  # first: a PRUNED trial's value is its last one
+                session,
+                backend,
+                [(t.trial_id, s, v) for t in todo for s, v in t.intermediate_values.items()],
+            )
             values = {t.trial_id: t.value for t in todo if t.state == TrialState.COMPLETE}
             pruned = [t for t in todo if t.state == TrialState.PRUNED]
             values.update(_last_intermediate_values(session, pruned))
@@ -566,6 +583,8 @@ def _tell_one(study: optuna.Study, t: Tell) -> bool:
     """``tell_trials`` for one trial through Optuna's public API (storages other than RDB)."""
     storage = study._storage
     try:
+        for step, intermediate in t.intermediate_values.items():
+            storage.set_trial_intermediate_value(t.trial_id, step, intermediate)
         for key, value in t.user_attrs.items():
             storage.set_trial_user_attr(t.trial_id, key, value)
         if t.state == TrialState.COMPLETE:

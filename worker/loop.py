@@ -274,6 +274,7 @@ class Worker:
                     self._stop.is_set,
                     on_epoch,
                     storage_retry_s=self.settings.storage_retry_s,
+                    report_interval_s=self.settings.epoch_report_interval_s,
                 )
                 n += self._reserve_more(job, self._population_size(job, rt) - 1)
             except BaseException:

@@ -18,6 +18,7 @@ from typing import Any
 
 import optuna
 
+from worker.epoch_reports import EpochReports
 from worker.training import EpochMetrics, TrialConfig, TrialResult
 from worker.trial_runner import (
     Heartbeat,
@@ -43,7 +44,8 @@ def run_population(ctx: TrialContext, n: int) -> list[TrialOutcome]:
     from worker.population import group_configs, train_population
 
     rt = ctx.rt
-    ctx = replace(ctx, defer_job_count=True)  # counted once, below
+    # Counted into the job once, below; epoch reports written together (worker.epoch_reports).
+    ctx = replace(ctx, defer_job_count=True, reports=EpochReports(rt.study, ctx.report_interval_s))
     precision = rt.spec.training.precision
     claimed: list[int] = []
     try:

@@ -56,6 +56,7 @@ from service.trial_attrs import (
     start_trials,
     tell_trials,
 )
+from worker.epoch_reports import EpochReports
 from worker.runtime import JobRuntime
 from worker.training import (
     EpochMetrics,
@@ -300,6 +301,10 @@ class TrialContext:
     # (count_finished_into_job), instead of two statements per member; a crash in between is
     # repaired by the reaper, which settles a job's count from its study.
     defer_job_count: bool = False
+    # A population's epoch reports wait here between writes (see worker.epoch_reports); None:
+    # each epoch's value is written at once, as a sequential trial does.
+    reports: EpochReports | None = None
+    report_interval_s: float = defaults.EPOCH_REPORT_INTERVAL_S
     # When a storage call of these trials last gave up on the database (monotonic seconds),
     # until one succeeds again. A stack's members retry their own writes one after another,
     # so an allowance per call would stall a stack for P x storage_retry_s in one outage
@@ -492,8 +497,10 @@ def epoch_hook(ctx: TrialContext, trial: optuna.Trial) -> Callable[[EpochMetrics
 
     def hook(m: EpochMetrics) -> None:
         with uninterruptible():
+            if ctx.reports is not None:
+                ctx.reports.raise_error(trial)  # writing its reports found it lost, or no db
             value = _objective_value(m, objective)
-            # Already written when report_epochs wrote the whole population's epoch at once.
+            # Already reported when report_epochs took the whole population's epoch at once.
             reported = m.epoch in trial._cached_frozen_trial.intermediate_values
             if math.isfinite(value) and not reported:
                 ctx.retry(lambda: trial.report(value, m.epoch), f"reporting trial {n}")
@@ -521,10 +528,12 @@ def reason_to_stop(ctx: TrialContext, *, fresh: bool = False) -> Exception | Non
 
 
 def report_epochs(ctx: TrialContext, epochs: list[tuple[optuna.Trial, EpochMetrics]]) -> None:
-    """Write one epoch's intermediate values of several trials (a population) in one commit.
+    """Report one epoch's intermediate values of a population's members.
 
-    Best effort: on any error (a member finished elsewhere, the database away) nothing is
-    written and each member's ``epoch_hook`` reports on its own, with its own retries and
+    With ``ctx.reports`` they wait there and are written at most once per interval, or with
+    each member's tell (see worker.epoch_reports). Without it they are written now in one
+    commit, best effort: on any error (a member finished elsewhere, the database away) nothing
+    is written and each member's ``epoch_hook`` reports on its own, with its own retries and
     error handling, as a lone trial does.
     """
     objective = ctx.rt.spec.objective
@@ -534,6 +543,12 @@ def report_epochs(ctx: TrialContext, epochs: list[tuple[optuna.Trial, EpochMetri
         if math.isfinite(value := _objective_value(m, objective))
         and m.epoch not in trial._cached_frozen_trial.intermediate_values
     ]
+    if ctx.reports is not None:
+        ctx.reports.add(values)
+        if ctx.reports.due():
+            with uninterruptible():
+                ctx.reports.write(ctx.retry)
+        return
     if len(values) < 2:
         return  # nothing to share a commit with
     try:
@@ -620,6 +635,8 @@ def _finish_interrupted(
     counts_as_failure: bool = True,
 ) -> TrialOutcome:
     rt, number = ctx.rt, trial.number
+    if ctx.reports is not None:
+        ctx.reports.write_trial(trial, exc)
     if isinstance(exc, UpdateFinishedTrialError):
         return _lost(ctx, trial)
     if is_transient(exc):
@@ -849,7 +866,11 @@ def _tell_settled(
     if not settled:
         return {}
     rt = ctx.rt
-    tells = [Tell(t._trial_id, s.state, s.value, s.attrs) for t, s in settled]
+    reports = ctx.reports
+    tells = [
+        Tell(t._trial_id, s.state, s.value, s.attrs, {} if reports is None else reports.take(t))
+        for t, s in settled
+    ]
     numbers = ", ".join(str(t.number) for t, _ in settled)
     try:
         told = ctx.retry(lambda: tell_trials(rt.study, tells), f"telling trials {numbers}")

@@ -322,6 +322,37 @@ def test_telling_skips_a_trial_failed_elsewhere_and_is_safe_to_repeat(
     assert _told(study) == before
 
 
+def test_a_tell_writes_the_trials_pending_reports_in_its_commit(
+    study_and_commits: tuple[optuna.Study, list[int]],
+) -> None:
+    # A population's members carry the epoch values not written yet (worker.epoch_reports)
+    # into their tell: stored with the result, and a PRUNED trial's value is the last of them.
+    study, commits = study_and_commits
+    a, b, c = study.ask(), study.ask(), study.ask()
+    set_intermediate_values(study, [(a, 1, 0.4), (b, 1, 0.3)])  # written before
+    commits.clear()
+    told = tell_trials(
+        study,
+        [
+            Tell(a._trial_id, TrialState.COMPLETE, 0.6, {}, {2: 0.5, 3: 0.6}),
+            Tell(b._trial_id, TrialState.PRUNED, None, {}, {2: 0.35}),
+            Tell(c._trial_id, TrialState.PRUNED, None, {}, {1: 0.1, 2: float("nan")}),
+        ],
+    )
+    assert told == [True, True, True] and len(commits) == 1
+    stored = {t.number: (t.intermediate_values, t.values) for t in study.get_trials()}
+    assert stored[0] == ({1: 0.4, 2: 0.5, 3: 0.6}, [0.6])
+    assert stored[1] == ({1: 0.3, 2: 0.35}, [0.35])
+    assert stored[2][1] is None and stored[2][0][1] == 0.1  # last one NaN: no value, as Optuna
+
+
+def test_a_tell_writes_pending_reports_on_other_storages_too() -> None:
+    study = optuna.create_study()  # in memory: through Optuna's public API
+    a = study.ask()
+    assert tell_trials(study, [Tell(a._trial_id, TrialState.PRUNED, None, {}, {1: 0.2})]) == [True]
+    assert (study.trials[0].intermediate_values, study.trials[0].value) == ({1: 0.2}, 0.2)
+
+
 def test_telling_refuses_bad_results_and_unknown_trials(
     study_and_commits: tuple[optuna.Study, list[int]],
 ) -> None:

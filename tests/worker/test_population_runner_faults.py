@@ -22,7 +22,7 @@ from service.studies import make_storage
 from service.submission import submit
 from tests.support.specs import grid_spec
 from tests.worker.test_population_runner import submit_job
-from worker import loop, trial_runner
+from worker import epoch_reports, loop, trial_runner
 from worker.loop import Worker
 from worker.population import stacked
 
@@ -305,36 +305,34 @@ def test_an_outage_after_failing_a_trial_does_not_lose_its_grid_point(
 def test_an_outage_stalls_a_stack_once_not_once_per_member(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The database goes away while a stack of 4 reports its second epoch, for longer than
-    # storage_retry_s (1 s). Each member's hook retries its own report; they used to wait it
-    # out one after another (4 x 0.6 s here, P x storage_retry_s for a GPU stack of 500). The
-    # outage is one, and so is its allowance: later members get what is left of it. All four
-    # are re-queued and retrained, and the job ends.
+    # The database goes away while a stack of 4 writes its second epoch's reports, for longer
+    # than storage_retry_s (1 s). The stack's one commit fails, then each member retries its
+    # own write; they used to wait it out one after another (4 x 0.6 s here, P x
+    # storage_retry_s for a GPU stack of 500). The outage is one, and so is its allowance:
+    # later members get what is left of it. All four are re-queued and retrained, and the job
+    # ends. (Reports written every epoch here, so the second epoch's are written on their own.)
     settings, _, jobs, job_id = submit_job(tmp_path, 4, n_trials=4, training={"max_epochs": 3})
     settings = Settings(
-        data_root=tmp_path, population=4, heartbeat_interval_s=60, storage_retry_s=1.0
+        data_root=tmp_path,
+        population=4,
+        heartbeat_interval_s=60,
+        storage_retry_s=1.0,
+        epoch_report_interval_s=0,
     )
-    report = optuna.Trial.report
+    write = epoch_reports.set_intermediate_values
     failed_at: list[float] = []
 
     def away_for_the_first_attempts_second_epoch(
-        trial: optuna.Trial, value: float, step: int
+        study: optuna.Study, values: list[tuple[optuna.Trial, int, float]]
     ) -> None:
-        if step == 2 and trial.number < 4:
+        if any(step == 2 and trial.number < 4 for trial, step, _ in values):
             failed_at.append(time.monotonic())
             raise OperationalError("INSERT", {}, Exception("could not connect to server"))
-        report(trial, value, step)
+        write(study, values)
 
-    monkeypatch.setattr(optuna.Trial, "report", away_for_the_first_attempts_second_epoch)
-    batched = trial_runner.set_intermediate_values
-
-    def batched_away_too(study: optuna.Study, values: list[Any]) -> None:
-        # the stack's one-commit report fails too, so every member reports on its own
-        if values[0][1] == 2:
-            _outage(1)()
-        batched(study, values)
-
-    monkeypatch.setattr(trial_runner, "set_intermediate_values", batched_away_too)
+    monkeypatch.setattr(
+        epoch_reports, "set_intermediate_values", away_for_the_first_attempts_second_epoch
+    )
     w = Worker(settings)
     while w._run_one():
         pass
