@@ -36,13 +36,18 @@ STORAGE_PATHS = (
     f"{os.sep}service{os.sep}trial_attrs.py",
     f"{os.sep}service{os.sep}studies.py",
 )
+# Wrappers in those folders that run other code: the worker wraps its pruning checks, its
+# saving of the best model (evaluation, safetensors) and its tells in ``call_with_retry`` to
+# ride out outages. Only what they call that is storage counts (counted before: the pruners'
+# arithmetic, the best model's evaluation and file write).
+NOT_STORAGE_PATHS = (f"{os.sep}service{os.sep}db{os.sep}retry.py",)
 ENV_DIR = "STORAGE_CLOCK_DIR"
 
 
 def in_storage(frame: FrameType | None) -> bool:
     while frame is not None:
         name = frame.f_code.co_filename
-        if any(p in name for p in STORAGE_PATHS):
+        if any(p in name for p in STORAGE_PATHS) and not any(p in name for p in NOT_STORAGE_PATHS):
             return True
         frame = frame.f_back
     return False

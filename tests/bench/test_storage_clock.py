@@ -48,6 +48,25 @@ def test_time_in_sqlalchemy_counts_as_storage_and_plain_python_does_not(tmp_path
     assert 0.8 < end["observed_s"] < 2.5, end
 
 
+def test_code_run_through_the_retry_wrapper_counts_only_where_it_is_storage(
+    tmp_path: Path,
+) -> None:
+    """The worker wraps pruning checks, saving the best model and tells in call_with_retry
+    (service/db/retry.py); the wrapper is not storage, the queries under it are."""
+    from service.db.retry import call_with_retry
+
+    clock = StorageClock().start()
+    call_with_retry(lambda: _python_for(0.4), deadline_s=0, what="arithmetic")
+    middle = clock.totals()
+    call_with_retry(
+        lambda: _queries_for(0.4, f"sqlite:///{tmp_path / 'a.db'}"), deadline_s=0, what="queries"
+    )
+    clock.stop()
+    end = clock.totals()
+    assert middle["storage_s"] < 0.1, middle
+    assert end["storage_s"] - middle["storage_s"] > 0.25, (middle, end)
+
+
 def test_a_process_started_with_the_hook_writes_its_totals(tmp_path: Path) -> None:
     """What the benchmark's service workers run: Python starts the clock from the hook folder."""
     env = {
