@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.commit_signal import CommitSignal
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import Metrics
 from service.api.problems import PROBLEM, install_problem_handlers
@@ -35,8 +36,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.jobs = JobStore(engine)
         app.state.storage = make_storage(url, settings)
         app.state.metrics = Metrics(engine, app.state.jobs)
+        app.state.commits = CommitSignal(engine)  # wakes long polls (GET /jobs/{id})
+        app.state.commits.start()
         freeze_startup_objects()  # full collections would stall requests (see there)
         yield
+        await app.state.commits.stop()
         engine.dispose()
 
     app = FastAPI(

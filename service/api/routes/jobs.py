@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from optuna.trial import TrialState
 
 from search_spaces import FixedParam
+from service.api.commit_signal import CommitSignal
 from service.api.deps import JobsDep, OwnerDep, SettingsDep, StorageDep
 from service.api.schemas import (
     BestPublic,
@@ -233,7 +234,8 @@ def list_jobs(
 
 
 # Long polling (``Prefer: wait=N`` with ``If-None-Match``): the longest wait granted, how often
-# the job's row is looked at meanwhile (one primary-key read), and how often the trial counts
+# the job's row is looked at meanwhile (one primary-key read; on SQLite also after each commit
+# to the database, within 10 ms: service.api.commit_signal), and how often the trial counts
 # are recounted (a trial starting changes them without touching the job's row). The cap also
 # bounds how long a waiting request can hold up the server's graceful shutdown.
 MAX_WAIT_S = 10.0
@@ -281,8 +283,10 @@ async def get_job(
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         row, recounted = _row_version(job), loop.time()
+        commits: CommitSignal = request.app.state.commits
         while etag in seen and loop.time() < deadline:
-            await asyncio.sleep(min(_ROW_CHECK_S, max(0.0, deadline - loop.time())))
+            # Sooner when the database says someone committed (SQLite; see CommitSignal).
+            await commits.wait(min(_ROW_CHECK_S, max(0.0, deadline - loop.time())))
             if await request.is_disconnected():  # nobody to answer: stop reading the database
                 break
             job = await run_in_threadpool(jobs.get, job_id)
