@@ -27,7 +27,6 @@ STOP_GRACE_S = 10.0  # docker compose's default stop grace; SIGTERM finishes wit
 STOP_MARGIN_S = 3.0  # of that grace, kept for failing and re-queueing the interrupted trial
 KEEP_ALIVE_S = 75  # idle HTTP connections: above clients' expiry (httpx 5 s) and LBs' 60 s
 EPOCH_REPORT_INTERVAL_S = 2.0  # a population writes its members' epoch values this often
-PRUNING_SNAPSHOT_MAX_AGE_S = 1.0  # others' newly finished trials reach a pruner this late
 STORAGE_RETRY_S = 60.0  # a database restart takes seconds; a trial waits this long, then gives up
 
 # Limits (each configurable through HPO_ settings) --------------------------------------------

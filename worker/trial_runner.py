@@ -218,30 +218,22 @@ class JobStateProbe:
 
 
 class PruningSnapshot:
-    """One read of the study's finished trials per epoch at most, shared by a population's
-    members, and at most one per ``max_age_s`` within a stack.
+    """One read of the study's finished trials per epoch, shared by a population's members.
 
     Optuna's percentile and median pruners read every COMPLETE trial (with all its intermediate
     values) on each check; the members of a population check one after another at the same
     epoch, so the first check of an epoch reads and the others reuse it (measured before this:
-    7 ms per read on SQLite with 48 trials, one read per member per epoch). The read is one
-    query for the COMPLETE trials' learning curves (``completed_learning_curves``): all these
-    pruners look at. Other pruners (successive halving and hyperband record rung promotions as
-    they go) check the study itself, as ``Trial.should_prune`` does.
-
-    Finished trials' curves never change; only their set grows. So a later epoch reuses the
-    snapshot until it is ``max_age_s`` old: a trial that another worker completes meanwhile
-    counts that much later, as if that worker had been that much slower. This process's own
-    trials finish when their stack does, and ``reset`` before the next stack makes them count
-    at once. (A read per epoch was 1.3 ms, the largest storage item left of the bench's
-    population run: 47 reads, 62 ms.)
+    7 ms per read on SQLite with 48 trials, one read per member per epoch). A trial that another
+    worker completes between two members' checks counts from the next epoch on: the snapshot
+    any concurrent reader sees. The read is one query for the COMPLETE trials' learning curves
+    (``completed_learning_curves``): all these pruners look at. Other pruners (successive
+    halving and hyperband record rung promotions as they go) check the study itself, as
+    ``Trial.should_prune`` does.
     """
 
-    def __init__(self, max_age_s: float = defaults.PRUNING_SNAPSHOT_MAX_AGE_S) -> None:
-        self.max_age_s = max_age_s
+    def __init__(self) -> None:
         self._epoch: int | None = None
         self._completed: list[optuna.trial.FrozenTrial] | None = None
-        self._read_at = -math.inf
 
     def reset(self) -> None:
         """Forget the snapshot: trials finished since (a previous stack's) count from now on."""
@@ -252,16 +244,14 @@ class PruningSnapshot:
         study = trial.study
         if not isinstance(study.pruner, optuna.pruners.PercentilePruner):  # MedianPruner too
             return trial.should_prune()
-        now = time.monotonic()
-        stale = epoch != self._epoch and now - self._read_at >= self.max_age_s
-        if self._completed is None or stale:
+        if epoch != self._epoch or self._completed is None:
             curves = completed_learning_curves(study._storage, study._study_id)
             self._completed = (
                 study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if curves is None
                 else [cast(optuna.trial.FrozenTrial, _Curve(c)) for c in curves]  # duck-typed
             )
-            self._epoch, self._read_at = epoch, now
+            self._epoch = epoch
         # What Trial.should_prune passes: the trial's locally kept state, no storage read.
         latest = trial._get_latest_trial()
         snapshot = cast(optuna.Study, _CompletedSnapshot(study, self._completed))  # duck-typed
