@@ -71,11 +71,7 @@ class EpochReports:
         end alone as it would have writing its own report."""
         pending, self._pending = self._pending, {}
         self._written_at = time.monotonic()
-        rows = [
-            (self._trials[trial_id], step, value)
-            for trial_id, steps in pending.items()
-            for step, value in steps.items()
-        ]
+        rows = self._rows(pending)
         if not rows:
             return
         try:
@@ -104,13 +100,35 @@ class EpochReports:
             raise error
 
     def write_trial(self, trial: optuna.Trial, exc: BaseException) -> None:
-        """Best effort, once, before a trial that ``exc`` stopped is failed: its pending values,
-        so its curve shows how far it got. Skipped when ``exc`` says the trial is finished
-        elsewhere or the database is away: a write would fail, or wait out the outage."""
-        steps = self.take(trial)
-        if not steps or isinstance(exc, UpdateFinishedTrialError) or is_transient(exc):
+        """Best effort, before a trial that ``exc`` stopped is failed: its pending values, so
+        its curve shows how far it got. Skipped when ``exc`` says the trial is finished
+        elsewhere or the database is away: a write would fail, or wait out the outage.
+
+        Every member's pending values go in the same commit: stack-mates usually stop together
+        (a SIGTERM, a cancel), and a commit per member would spend a GPU stack's stop grace.
+        Should that fail (another member lost), the others' values wait as before and this
+        trial's are written alone.
+        """
+        own = self.take(trial)
+        if not own or isinstance(exc, UpdateFinishedTrialError) or is_transient(exc):
             return
+        others, self._pending = self._pending, {}
+        if others:
+            try:
+                set_intermediate_values(self.study, self._rows({trial._trial_id: own, **others}))
+                self._written_at = time.monotonic()
+                return
+            except Exception as e:
+                log.debug("epoch reports of a stopping stack not written together (%s)", e)
+                self._pending = others
         try:
-            set_intermediate_values(self.study, [(trial, s, v) for s, v in steps.items()])
+            set_intermediate_values(self.study, self._rows({trial._trial_id: own}))
         except Exception as e:  # the failure being recorded matters more than its curve
             log.debug("trial %d: its last epoch reports were not written (%s)", trial.number, e)
+
+    def _rows(self, pending: dict[int, dict[int, float]]) -> list[tuple[optuna.Trial, int, float]]:
+        return [
+            (self._trials[trial_id], step, value)
+            for trial_id, steps in pending.items()
+            for step, value in steps.items()
+        ]

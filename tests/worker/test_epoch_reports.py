@@ -126,12 +126,27 @@ def test_a_member_failed_elsewhere_gets_the_error_and_the_others_are_written(
     reports.raise_error(b)  # raised once: the member has ended
 
 
-def test_a_stopped_member_gets_its_curve_written_unless_it_is_lost(tmp_path: Path) -> None:
+def test_a_stopped_member_gets_its_curve_written_with_its_stack_mates(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    a, b, c = study.ask(), study.ask(), study.ask()
+    reports = EpochReports(study, interval_s=3600)
+    reports.add([(a, 1, 0.5), (a, 2, 0.55), (b, 1, 0.6)])
+    # Stack-mates stop together (SIGTERM, cancel): one commit for all that is pending.
+    reports.write_trial(a, RuntimeError("worker is shutting down"))
+    assert (_stored(study, a), _stored(study, b)) == ({1: 0.5, 2: 0.55}, {1: 0.6})
+    assert reports.take(b) == {}
+    # A lost trial's values are dropped with it, without a write.
+    reports.add([(c, 1, 0.7)])
+    reports.write_trial(c, UpdateFinishedTrialError("failed elsewhere"))
+    assert _stored(study, c) == {} and reports.take(c) == {}
+
+
+def test_a_stopped_member_is_written_alone_when_a_stack_mate_is_lost(tmp_path: Path) -> None:
     study = _study(tmp_path)
     a, b = study.ask(), study.ask()
     reports = EpochReports(study, interval_s=3600)
-    reports.add([(a, 1, 0.5), (a, 2, 0.55), (b, 1, 0.6)])
+    reports.add([(a, 1, 0.5), (b, 1, 0.6)])
+    study._storage.set_trial_state_values(b._trial_id, TrialState.FAIL)  # the reaper failed it
     reports.write_trial(a, RuntimeError("out of memory"))
-    assert (_stored(study, a), _stored(study, b)) == ({1: 0.5, 2: 0.55}, {})
-    reports.write_trial(b, UpdateFinishedTrialError("failed elsewhere"))
-    assert _stored(study, b) == {} and reports.take(b) == {}  # dropped with the trial
+    assert (_stored(study, a), _stored(study, b)) == ({1: 0.5}, {})
+    assert reports.take(b) == {1: 0.6}  # still pending: its own tell or write finds it lost
