@@ -16,9 +16,10 @@ from service.studies import (
     GRID_ENQUEUED_ATTR,
     JOB_ID_ATTR,
     SPEC_ATTR,
-    completed_learning_curves,
+    completed_trial_ids,
     count_trials_by_state,
     create_job_study,
+    learning_curves,
     load_job_study,
     make_pruner,
     make_sampler,
@@ -135,12 +136,12 @@ def test_samplers_are_seeded() -> None:
     assert isinstance(rnd, optuna.samplers.RandomSampler)
 
 
-def test_completed_learning_curves_are_what_the_percentile_pruner_reads(database_url: str) -> None:
+def test_completed_curves_are_what_the_percentile_pruner_reads(database_url: str) -> None:
     storage = make_storage(database_url, Settings())
     study = optuna.create_study(storage=storage, direction="maximize")
     for i in range(3):  # COMPLETE, with curves
         t = study.ask()
-        for step in (1, 2, 3):
+        for step in (3, 1, 2):
             t.report(0.1 * i + 0.01 * step, step)
         study.tell(t, 0.5)
     study.tell(study.ask(), 0.4)  # COMPLETE, reported nothing: still counts as a finished trial
@@ -148,12 +149,15 @@ def test_completed_learning_curves_are_what_the_percentile_pruner_reads(database
     pruned.report(0.9, 1)
     study.tell(pruned, state=TrialState.PRUNED)
     study.ask().report(float("nan"), 1)  # running: not finished
-    curves = completed_learning_curves(storage, study._study_id)
-    assert curves is not None
-    expected = [t.intermediate_values for t in study.get_trials(states=(TrialState.COMPLETE,))]
-    assert curves == expected
-    assert len(curves) == 4 and curves[3] == {}
-    assert completed_learning_curves(optuna.storages.InMemoryStorage(), 0) is None
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    ids = completed_trial_ids(storage, study._study_id)
+    assert ids == [t._trial_id for t in complete]
+    curves = learning_curves(storage, ids)
+    assert list(curves.values()) == [t.intermediate_values for t in complete]
+    assert curves[ids[3]] == {} and list(curves[ids[0]]) == [1, 2, 3]  # steps in order
+    assert learning_curves(storage, ids[1:2]) == {ids[1]: complete[1].intermediate_values}
+    assert learning_curves(storage, []) == {}
+    assert completed_trial_ids(optuna.storages.InMemoryStorage(), 0) is None
 
 
 @pytest.mark.parametrize(

@@ -50,30 +50,48 @@ def test_snapshot_decides_as_trial_should_prune(
         assert any(decisions) and not all(decisions)  # the case decides both ways
 
 
-def test_one_read_of_the_finished_trials_per_epoch(
+def test_one_read_of_the_finished_trials_per_epoch_and_each_curve_read_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     study = _study(tmp_path, optuna.pruners.MedianPruner(n_startup_trials=3))
     members = [study.ask() for _ in range(8)]
     storage = study._storage
-    reads: list[Any] = []
-    real = trial_runner.completed_learning_curves
+    id_reads: list[Any] = []
+    curve_reads: list[list[int]] = []
+    real_ids, real_curves = trial_runner.completed_trial_ids, trial_runner.learning_curves
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        reads.append(args)
-        return real(*args, **kwargs)
+    def counted_ids(*args: Any) -> Any:
+        id_reads.append(args)
+        return real_ids(*args)
+
+    def counted_curves(storage_: Any, trial_ids: list[int]) -> Any:
+        curve_reads.append(list(trial_ids))
+        return real_curves(storage_, trial_ids)
 
     def loads_every_trial(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the snapshot reads only the finished trials' curves")
 
-    monkeypatch.setattr(trial_runner, "completed_learning_curves", counted)
+    monkeypatch.setattr(trial_runner, "completed_trial_ids", counted_ids)
+    monkeypatch.setattr(trial_runner, "learning_curves", counted_curves)
+    get_all_trials = storage.get_all_trials
     monkeypatch.setattr(storage, "get_all_trials", loads_every_trial)
     snapshot = PruningSnapshot()
     for step in range(1, 4):
         for t in members:
             t.report(0.6, step)
             snapshot.should_prune(t, step)
-    assert len(reads) == 3  # 3 epochs x 8 members: one read per epoch
+    assert len(id_reads) == 3  # 3 epochs x 8 members: one read per epoch
+    assert len(curve_reads) == 1 and len(curve_reads[0]) == 6  # the six finished, once
+    # Another worker finishes a trial: the next epoch reads its curve only, and it counts.
+    monkeypatch.setattr(storage, "get_all_trials", get_all_trials)  # Study.tell reads them
+    other = study.ask()
+    other.report(0.99, 1)
+    study.tell(other, 0.99)
+    monkeypatch.setattr(storage, "get_all_trials", loads_every_trial)
+    members[0].report(0.6, 4)
+    snapshot.should_prune(members[0], 4)
+    assert curve_reads[1:] == [[other._trial_id]]
+    assert len(snapshot._completed or []) == 7
 
 
 def test_reset_makes_newly_finished_trials_count(tmp_path: Path) -> None:
