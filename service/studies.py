@@ -204,13 +204,15 @@ def learning_curves(
     curves: dict[int, dict[int, float]] = {trial_id: {} for trial_id in trial_ids}
     if not curves:
         return curves
-    query = select(v.trial_id, v.step, v.intermediate_value, v.intermediate_value_type).where(
-        v.trial_id.in_(curves)
+    query = (
+        select(v.trial_id, v.step, v.intermediate_value, v.intermediate_value_type)
+        .where(v.trial_id.in_(curves))
+        .order_by(v.step)
     )
     with backend.engine.connect() as conn:
         for trial_id, step, stored, kind in conn.execute(query):
             curves[trial_id][step] = v.stored_repr_to_intermediate_value(stored, kind)
-    return {trial_id: dict(sorted(curve.items())) for trial_id, curve in curves.items()}
+    return curves
 
 
 def stale_study_names(storage: optuna.storages.BaseStorage, grace_s: float) -> set[str]:

@@ -84,9 +84,7 @@ class EpochReports:
             try:
                 retry(
                     functools.partial(
-                        set_intermediate_values,
-                        self.study,
-                        [(trial, step, value) for step, value in steps.items()],
+                        set_intermediate_values, self.study, self._rows({trial_id: steps})
                     ),
                     f"reporting trial {trial.number}",
                 )
