@@ -20,6 +20,7 @@ EXTRAS="${1:-}"
 VENV_DIR="${VENV_DIR:-.venv}"
 TORCH_VERSION="2.13.0"
 TORCH_SPEC="torch==$TORCH_VERSION"
+TRITON_SPEC="triton==3.6.0"
 
 find_python() {
     local candidate
@@ -74,5 +75,12 @@ target="."
 [ -z "$EXTRAS" ] || target=".[$EXTRAS]"
 echo "==> installing the project and its pinned dependencies: pip install -e '$target' (a minute or two)"
 pip_install -e "$target"
+if [ "$EXTRAS" = "test" ] && ! "$PY" -c 'import triton' >/dev/null 2>&1; then
+    # torch's CPU wheels come without Triton; the fused CUDA optimizer's tests then run its
+    # kernel through Triton's interpreter (tests/worker/population/test_population_fused_update.py).
+    # torch's CUDA wheels bring their own Triton, which this leaves alone.
+    echo "==> installing $TRITON_SPEC for the interpreted kernel tests"
+    pip_install "$TRITON_SPEC"
+fi
 echo "$want" >"$stamp"
 echo "==> ready: $VENV_DIR ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"

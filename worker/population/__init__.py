@@ -3,9 +3,11 @@
 Each member keeps its own hyperparameters, data order, early stopping and pruning, and its
 result equals the same trial trained alone by ``worker.training.train_trial`` (within float
 tolerance; in distribution with dropout). See ``trainer`` for the rules, ``stacked`` for the
-batched model and ``optimizers`` for the batched torch.optim equivalents.
+batched model, ``optimizers`` for the batched torch.optim equivalents and ``fused_update``
+for the one-kernel update of a whole stack on CUDA.
 """
 
+from worker.population.fused_update import FusedStackOptimizer, stack_optimizer
 from worker.population.optimizers import (
     BatchedAdagrad,
     BatchedAdam,
@@ -34,6 +36,7 @@ __all__ = [
     "BatchedOptimizer",
     "BatchedRMSprop",
     "BatchedSGD",
+    "FusedStackOptimizer",
     "MixedBatchedOptimizer",
     "StackedMLP",
     "auto_population_size",
@@ -41,5 +44,6 @@ __all__ = [
     "group_configs",
     "optimizer_order",
     "population_key",
+    "stack_optimizer",
     "train_population",
 ]

@@ -17,7 +17,8 @@ rather than ~1e-6 (train losses still agree tightly). Two sequential runs with d
 thread counts drift the same way.
 
 Stack order: all members train in one stack, reordered so that each optimizer's members are
-adjacent (``optimizer_order``; one batched optimizer per run, ``MixedBatchedOptimizer``);
+adjacent (``optimizer_order``; one batched optimizer per run, ``MixedBatchedOptimizer``; on
+CUDA one fused kernel per stacked parameter updates every member, ``fused_update``);
 ``on_epoch`` is called in that order and results come back in the order of ``configs``. A
 population of one member runs the sequential code itself (``P = 1`` is exactly the sequential
 path) except with ``autocast="bf16"``, which only the batched path implements.
@@ -50,8 +51,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from worker.population.fused_update import stack_optimizer
 from worker.population.grouping import grouped_indices
-from worker.population.optimizers import MixedBatchedOptimizer, optimizer_order
+from worker.population.optimizers import optimizer_order
 from worker.population.sizing import memory_budget_bytes
 from worker.population.stacked import StackedMLP, live_features
 from worker.training import (
@@ -300,7 +302,7 @@ class _Population:
             matmul_dtype=matmul_dtype,
             live=live,
         )
-        self.optimizer = MixedBatchedOptimizer(configs, self.stack.params)
+        self.optimizer = stack_optimizer(configs, self.stack.params)
         self.X_train = data.derived(
             # n_live: a stack without hidden layers trains on every feature (see StackedMLP)
             ("population.train_inputs", matmul_dtype, self.stack.n_live),
