@@ -353,8 +353,7 @@ class _Population:
                 break
             leaving = self._epoch(epoch, active)
             if leaving:
-                for pos in leaving:
-                    self._finish(pos, active[pos])
+                self._finish([(pos, active[pos]) for pos in leaving])
                 kept = [pos for pos in range(len(active)) if pos not in set(leaving)]
                 if kept and self.on_finish is not None:
                     self.on_finish(
@@ -469,11 +468,15 @@ class _Population:
                 leaving.append(pos)
         return leaving
 
-    def _finish(self, pos: int, member: _Member) -> None:
+    def _finish(self, leaving: list[tuple[int, _Member]]) -> None:
+        """Export the leaving members' best weights into their models, on the device."""
         started = time.perf_counter()
-        self.stack.export_best(pos, member.model)
-        member.model.to(self.device).eval()
-        member.duration_s += time.perf_counter() - started
+        self.stack.export_best([pos for pos, _ in leaving], [m.model for _, m in leaving])
+        for _, member in leaving:
+            member.model.to(self.device).eval()
+        share = (time.perf_counter() - started) / len(leaving)
+        for _, member in leaving:
+            member.duration_s += share
 
 
 def live_feature_mask(data: TensorSplits) -> Tensor | None:

@@ -141,10 +141,9 @@ def test_evaluate_and_export_match_the_member_models(batch_norm: bool) -> None:
         param.sub_(0.1 * grad)  # one plain SGD step
     stack.save_best([1])
     fresh = _members(3, batch_norm, "gelu")
-    stack.export_best(0, fresh[0])
+    stack.export_best([1, 0], [fresh[1], fresh[0]])  # several at once, in any order
     for key, value in models[0].state_dict().items():
         assert torch.equal(fresh[0].state_dict()[key], value), key
-    stack.export_best(1, fresh[1])
     first, trained = models[1][0], fresh[1][0]
     assert isinstance(first, nn.Linear) and isinstance(trained, nn.Linear)
     assert not torch.equal(trained.weight, first.weight)
@@ -372,7 +371,7 @@ def test_dead_features_still_count_in_evaluation_and_export() -> None:
     for model in fresh:
         for p in model.parameters():
             p.data.zero_()
-    stack.export_best(2, fresh[2])
+    stack.export_best([2], [fresh[2]])
     for key, value in models[2].state_dict().items():
         assert torch.equal(fresh[2].state_dict()[key], value), key
 
