@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +81,7 @@ POPULATION_KEY_FIELDS: tuple[str, ...] = (
     "max_epochs",
 )
 
+_T = TypeVar("_T")
 OnEpoch = Callable[[int, EpochMetrics], None]
 # Called with (index, result) of the members that leave the stack while others still train.
 OnFinish = Callable[[list[tuple[int, TrialResult]]], None]
@@ -317,16 +319,9 @@ class _Population:
             m.duration_s += setup_share
 
     def _members(self, configs: list[TrialConfig], indices: list[int]) -> list[_Member]:
-        """Every member's initial model, built on up to torch's intra-op thread count of
-        threads: the weight draws dominate (two per Linear: torch's own init, then ours) and
-        release the GIL. Measured on an H200 host (16 Xeon threads), the 507 models of a
-        784-128-10 stack took 1.9 s one after another (cProfile). A worker running one
-        single-threaded process per core builds them one after another."""
-        workers = min(len(configs), torch.get_num_threads())
-        if workers <= 1:
-            return [self._member(c, i) for c, i in zip(configs, indices, strict=True)]
-        with ThreadPoolExecutor(workers, thread_name_prefix="hpo-member") as pool:
-            return list(pool.map(self._member, configs, indices))
+        """Every member's initial model; a GPU-sized population's on several threads (the
+        weight draws dominate and release the GIL; see ``_map_members``)."""
+        return _map_members(self._member, configs, indices)
 
     def _member(self, config: TrialConfig, index: int) -> _Member:
         # The trial's own generator, seeded as train_trial seeds the global RNG: the same
@@ -385,7 +380,9 @@ class _Population:
         lrs = [m.lr for m in active]
         self.optimizer.set_lr(lrs)
         n_train = int(data.y_train.shape[0])
-        perm = torch.stack([torch.randperm(n_train, generator=m.order) for m in active])
+        perm = torch.stack(
+            _map_members(lambda m: torch.randperm(n_train, generator=m.order), active)
+        )
         perm = perm.to(self.device)
         losses = torch.empty(len(self.steps), P, device=self.device)
         correct = torch.zeros(P, dtype=torch.int64, device=self.device)
@@ -477,6 +474,35 @@ class _Population:
         share = (time.perf_counter() - started) / len(leaving)
         for _, member in leaving:
             member.duration_s += share
+
+
+# Per-member host work (building the initial models, drawing each epoch's data order) runs
+# on threads for populations of at least this many members: a GPU's hundreds. A CPU stack has
+# tens, and its worker processes run one torch thread each.
+THREADED_MIN_MEMBERS = 64
+# At most this many threads. Measured on an H200's 16-core host, building 507 members of the
+# 784-128-10 MLP took 1.03 s on one thread, 0.39 s on 8 and 0.69 s on 16.
+MAX_MEMBER_THREADS = 8
+
+
+def _map_members(fn: Callable[..., _T], *iterables: Sequence[Any]) -> list[_T]:
+    """``list(map(fn, *iterables))``, on threads for a GPU-sized population.
+
+    Meanwhile torch runs each op on the calling thread alone: with its intra-op threads on
+    top of the member threads, the H200 host's 16 cores were oversubscribed and the 507
+    members took 2.3-2.8 s, slower than on one thread.
+    """
+    n = len(iterables[0])
+    workers = min(n, torch.get_num_threads(), MAX_MEMBER_THREADS)
+    if n < THREADED_MIN_MEMBERS or workers <= 1:
+        return list(map(fn, *iterables))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="hpo-member") as pool:
+            return list(pool.map(fn, *iterables))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def live_feature_mask(data: TensorSplits) -> Tensor | None:

@@ -552,3 +552,31 @@ def test_auto_population_size_on_cuda_follows_free_memory(monkeypatch: pytest.Mo
     assert auto_population_size(MNIST_MLP, 7000, cuda) == 512  # hundreds: the CUDA cap
     big = auto_population_size(50_000_000, 7000, cuda)  # 2 GB per member, 4 GB budget
     assert big == 2
+
+
+def test_member_work_runs_on_threads_for_gpu_sized_populations_only() -> None:
+    """A population of hundreds builds its members on threads, each torch op on its own
+    thread meanwhile (oversubscribed cores were slower than one thread); small ones stay
+    on the calling thread. Results keep their order and the thread count comes back."""
+    import threading
+
+    from worker.population.trainer import MAX_MEMBER_THREADS, THREADED_MIN_MEMBERS, _map_members
+
+    def probe(i: int) -> tuple[int, str, int]:
+        return i, threading.current_thread().name, torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small = _map_members(probe, list(range(THREADED_MIN_MEMBERS - 1)))
+        assert [i for i, _, _ in small] == list(range(THREADED_MIN_MEMBERS - 1))
+        assert {name for _, name, _ in small} == {threading.current_thread().name}
+        large = _map_members(probe, list(range(200)))
+        assert [i for i, _, _ in large] == list(range(200))
+        names = {name for _, name, _ in large}
+        assert all(name.startswith("hpo-member") for name in names)
+        assert 1 <= len(names) <= min(2, MAX_MEMBER_THREADS)
+        assert {threads for _, _, threads in large} == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
