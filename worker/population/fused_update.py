@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # Elements of a member's row per program. The rows of the bench's first layer (784 x 128)
 # take 98 programs per member; a bias of 10 takes one.
 BLOCK = 1024
+# Each op rounds on its own unless the kernel asks for a fused multiply-add: torch's rounding
+# (see stack_update_kernel). The interpreter ignores compile options.
+_ROUNDING = {"enable_fp_fusion": False}
 
 
 class FusedStackOptimizer:
@@ -79,7 +82,9 @@ class FusedStackOptimizer:
             [k.KINDS.index(c.optimizer) for c in configs], dtype=torch.int32, device=self.device
         )
         self.n_members = len(configs)
-        self.steps = 0
+        # Steps taken, on the device: counted by each step's own launch stream, so that a CUDA
+        # graph replaying the step counts too (see step_graph).
+        self.step_count = torch.zeros((), dtype=torch.float64, device=self.device)
         initial = torch.tensor(
             [values.get("initial_accumulator_value", 0.0) for values in members],
             dtype=torch.float32,
@@ -110,7 +115,7 @@ class FusedStackOptimizer:
         self.n_members = int(index.numel())
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-        self.steps += 1
+        self.step_count.add_(1)
         for p, g, (first, second) in zip(params, grads, self.state, strict=True):
             if not (p.is_contiguous() and g.is_contiguous()) or p.shape[0] != self.n_members:
                 raise ValueError(
@@ -126,10 +131,11 @@ class FusedStackOptimizer:
                 second,
                 self.kind,
                 self.hp,
+                self.step_count,
                 row,
-                self.steps,
                 N_HP=self._n_columns,
                 BLOCK=BLOCK,
+                **_ROUNDING,
             )
 
 
@@ -140,9 +146,20 @@ def stack_optimizer(
     Triton works, else the batched optimizers (configs grouped by optimizer, see
     ``optimizer_order``)."""
     device = params[0].device
-    if device.type == "cuda" and fused_kernel_works(device):
+    if device.type == "cuda" and not _drifts(configs) and fused_kernel_works(device):
         return FusedStackOptimizer(configs, params)
     return MixedBatchedOptimizer(configs, params)
+
+
+def _drifts(configs: Sequence[TrialConfig]) -> bool:
+    """Whether a member is RMSprop with momentum, which the kernel does not train closely
+    enough yet: on an H200, such a member of the tests' mixed stack ended 1.3e-4 (relative)
+    from its sequential run's validation loss after 5 epochs, the batched optimizers 1.3e-7,
+    though 50 steps of the kernel alone match torch.optim within 1e-5 on random data and
+    the interpreted kernel trains that member within 8e-8 on the CPU. Not explained yet, so
+    such stacks keep the batched optimizers. (The default search space gives RMSprop no
+    momentum.)"""
+    return any(c.optimizer == "rmsprop" and (c.momentum or 0.0) > 0 for c in configs)
 
 
 @functools.cache

@@ -241,13 +241,23 @@ class StackedMLP:
             X = X.index_select(1, self.feature_order[: self.n_live])
         return X if self.matmul_dtype is None else X.to(self.matmul_dtype)
 
-    def train_step(self, X: Tensor, y: Tensor, rows: Tensor, loss_out: Tensor) -> Tensor:
+    def draw_dropout_bits(self, b: int) -> None:
+        """CUDA: draw the dropout bits of the next ``train_step(..., drawn=True)`` of batch
+        size ``b`` (see ``step_graph``); nothing without dropout."""
+        if self.has_dropout:
+            for bits in self._workspace(b).bits:
+                self.random_bits.fill(bits)
+
+    def train_step(
+        self, X: Tensor, y: Tensor, rows: Tensor, loss_out: Tensor, *, drawn: bool = False
+    ) -> Tensor:
         """Forward + backward of one minibatch per member into ``self.grads``.
 
         ``X`` is the training split as ``inputs_for`` returns it (its live features, in the
         matmul dtype); ``rows`` [P * b] indexes X/y (member j's minibatch is ``rows[j*b:(j+1)*b]``);
         ``loss_out`` [P] receives each member's mean cross-entropy. Returns the number of
-        correct predictions per member [P] (int64, on the device).
+        correct predictions per member [P] (int64, on the device). ``drawn``: the dropout
+        bits were drawn by ``draw_dropout_bits`` (CUDA), else the step draws them.
         """
         P = self.n_members
         b = int(rows.numel()) // P
@@ -278,7 +288,10 @@ class StackedMLP:
                 # _RandomBits; 8x128x128 masks: 0.10 ms of torch's random bits vs 0.25 ms for
                 # uniform_ floats, and bernoulli_ took 0.76 ms).
                 mask, kept = ws.mask[layer], ws.kept[layer]
-                self.random_bits.keep(ws.bits[layer], self.keep_threshold, out=kept)
+                if drawn:
+                    self.random_bits.kept(ws.bits[layer], self.keep_threshold, out=kept)
+                else:
+                    self.random_bits.keep(ws.bits[layer], self.keep_threshold, out=kept)
                 # bool * float would first convert the mask into a fresh float temporary;
                 # copying its bytes (0 / 1) and scaling in place is 4x faster (P=43: 59 us
                 # against 263 us per layer and step).
@@ -631,6 +644,17 @@ class _RandomBits:
         else:
             torch.le(r16, thresholds, out=out)
         return out
+
+    def fill(self, buffer: Tensor) -> None:
+        """CUDA: draw ``buffer``'s bits now, for ``kept`` to read later (a CUDA graph replays
+        the rest of a step, but a draw must advance the generator at every step)."""
+        buffer.random_(_INT64_MIN, _INT64_MAX, generator=self.generator)
+
+    def kept(self, buffer: Tensor, thresholds: Tensor, *, out: Tensor) -> Tensor:
+        """``keep`` for bits drawn by ``fill``: the same masks, as the draws come in the
+        same order."""
+        r16 = buffer.view(torch.int16)[: out.numel()].view(out.shape)
+        return torch.le(r16, thresholds, out=out)
 
 
 def _keep_thresholds(dropouts: Sequence[float], device: torch.device) -> Tensor:

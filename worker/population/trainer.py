@@ -52,11 +52,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from worker.population.fused_update import stack_optimizer
+from worker.population.fused_update import FusedStackOptimizer, stack_optimizer
 from worker.population.grouping import grouped_indices
 from worker.population.optimizers import optimizer_order
 from worker.population.sizing import memory_budget_bytes
 from worker.population.stacked import StackedMLP, live_features
+from worker.population.step_graph import StepGraph
 from worker.training import (
     EpochMetrics,
     TensorSplits,
@@ -70,6 +71,9 @@ from worker.training import (
 )
 
 AUTOCAST_MODES: tuple[str, ...] = ("tf32", "bf16")
+# Whether CUDA stacks replay their training step as a CUDA graph (step_graph); tests switch
+# it off to compare.
+STEP_GRAPHS = True
 # Features 0 in every training row are skipped when at least this share is (live_feature_mask).
 MIN_DEAD_SHARE = 1 / 16
 # What must be equal for trials to share one stack (the rest is per member).
@@ -314,6 +318,14 @@ class _Population:
             ("population.val_inputs", self.stack.n_live),
             lambda: self.stack.eval_inputs_for(data.X_val),
         )
+        # CUDA with the fused optimizer: full minibatches replay a recorded step (step_graph).
+        self.graph = (
+            StepGraph(self.stack, self.optimizer, self.X_train, data.y_train, batch_size)
+            if STEP_GRAPHS
+            and device.type == "cuda"
+            and isinstance(self.optimizer, FusedStackOptimizer)
+            else None
+        )
         setup_share = (time.perf_counter() - started) / len(configs)
         for m in self.members:
             m.duration_s += setup_share
@@ -358,6 +370,8 @@ class _Population:
                 if active:
                     self.stack.select(kept)
                     self.optimizer.select(torch.tensor(kept, dtype=torch.int64))
+                    if self.graph is not None:
+                        self.graph.reset()
         return [self._result(m) for m in self.members]
 
     @staticmethod
@@ -386,10 +400,17 @@ class _Population:
         perm = perm.to(self.device)
         losses = torch.empty(len(self.steps), P, device=self.device)
         correct = torch.zeros(P, dtype=torch.int64, device=self.device)
+        graph = self.graph if self.graph is not None and self.graph.enabled else None
         for slot, (_, start, size) in enumerate(self.steps):
+            if graph is not None and size == graph.batch_size:
+                graph.step(perm[:, start : start + size], losses[slot])
+                continue
             rows = perm[:, start : start + size].reshape(-1)
             correct += stack.train_step(self.X_train, data.y_train, rows, losses[slot])
             self.optimizer.step(stack.params, stack.grads)
+        if self.graph is not None:
+            correct += self.graph.correct
+            self.graph.correct.zero_()
         for m in active:
             m.step_schedule()
         val_loss_sum, val_correct = stack.evaluate(self.X_val, data.y_val)

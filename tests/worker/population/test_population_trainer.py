@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from worker.population import auto_population_size, group_configs, sizing, train_population
+from worker.population.fused_update import FusedStackOptimizer, stack_optimizer
 from worker.training import (
     EpochMetrics,
     TensorSplits,
@@ -442,6 +443,19 @@ def test_cuda_stacks_of_every_optimizer_match_their_sequential_runs(
     results = train_population(MIXED, on_gpu)
     for config, result in zip(MIXED, results, strict=True):
         assert all(p.device.type == "cuda" for p in result.model.parameters())
+        _assert_same_run(result, train_trial(config, on_gpu), small_digits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fused_stacks_match_their_sequential_runs(small_digits: TensorSplits) -> None:
+    """The invariant with the fused optimizer kernel and replayed steps: the mixed stack
+    without its RMSprop momentum member (which keeps a stack on the batched optimizers)."""
+    configs = [c for c in MIXED if not (c.optimizer == "rmsprop" and c.momentum)]
+    on_gpu = small_digits.to("cuda")
+    params = [torch.zeros(len(configs), 2, device="cuda")]
+    assert isinstance(stack_optimizer(configs, params), FusedStackOptimizer)
+    results = train_population(configs, on_gpu)
+    for config, result in zip(configs, results, strict=True):
         _assert_same_run(result, train_trial(config, on_gpu), small_digits)
 
 
