@@ -24,6 +24,14 @@ WORKDIR /app
 # torch first and alone, from the chosen index: resolving it from PyPI would pick CUDA wheels.
 RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}"
 
+# A CUDA build: torch's wheels bring Triton, which compiles a small launcher with the C compiler
+# the first time a kernel runs. GPU populations update their weights with a Triton kernel
+# (worker/population/fused_update.py); without a compiler they fall back to slower batched ops.
+RUN if [ "${TORCH_VARIANT}" != "cpu" ]; then \
+        apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 # The pinned dependencies next (a layer that survives source edits), then the project itself.
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \

@@ -59,6 +59,24 @@ def test_dockerfile_installs_the_pinned_cpu_torch_first() -> None:
     assert torch_at < text.index("pip install --no-deps .")
 
 
+def test_dockerfile_gives_cuda_builds_a_c_compiler_for_triton() -> None:
+    """The shell step as the build runs it, apt-get echoed instead of run: a CUDA variant
+    installs gcc (Triton compiles its launcher with it), the CPU image stays without."""
+    text = _dockerfile()
+    start = text.index('RUN if [ "${TORCH_VARIANT}" != "cpu" ]')
+    step = text[start + len("RUN ") : text.index("fi\n", start) + 2].replace("\\\n", " ")
+    step = step.replace("apt-get", "echo apt-get").replace("rm -rf", "echo rm -rf")
+    for variant, expect_gcc in (("cpu", False), ("cu128", True)):
+        out = subprocess.run(
+            ["sh", "-c", step],
+            env={"TORCH_VARIANT": variant, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert ("install -y --no-install-recommends gcc" in out) == expect_gcc, (variant, out)
+
+
 def test_dockerfile_copies_every_package() -> None:
     text = _dockerfile()
     for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
