@@ -18,7 +18,7 @@ host time. Only full minibatches replay; an epoch's last, smaller one runs eager
 Replays run the same kernels on the same buffers as eager steps, so a member's numbers
 do not depend on whether its steps were replayed (tests/worker/population/
 test_population_step_graph.py, on a GPU). If recording fails, the population warns and
-trains eagerly from there on.
+trains eagerly from there on (through the same buffers, so nothing else changes).
 """
 
 from __future__ import annotations
@@ -72,13 +72,15 @@ class StepGraph:
         mean loss, ``correct`` accumulates each member's correct predictions."""
         self.stack.draw_dropout_bits(self.batch_size)
         self._rows.copy_(rows)
-        if self._graph is None:
-            self._record()
-        else:
+        if self._graph is not None:
             self._graph.replay()
             self.replays += 1
             if self.stack.batch_norm:
                 self.stack.batches_tracked += 1  # train_step's host-side count
+        elif self.enabled:
+            self._record()
+        else:  # recording failed once: every later step runs eagerly, without retrying
+            self._body()
         loss_out.copy_(self._loss)
 
     def _body(self) -> None:

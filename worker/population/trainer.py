@@ -400,7 +400,7 @@ class _Population:
         perm = perm.to(self.device)
         losses = torch.empty(len(self.steps), P, device=self.device)
         correct = torch.zeros(P, dtype=torch.int64, device=self.device)
-        graph = self.graph if self.graph is not None and self.graph.enabled else None
+        graph = self.graph
         for slot, (_, start, size) in enumerate(self.steps):
             if graph is not None and size == graph.batch_size:
                 graph.step(perm[:, start : start + size], losses[slot])
