@@ -640,8 +640,28 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((t for t, best in curve if best >= target), None)
 
 
-def run_round(setup: Setup, index: int) -> list[tuple[Result, list[tuple[float, float]]]]:
-    """Every contender once, in the same order (``contenders``)."""
+def record_partial(path: Path | None, round_index: int, result: Result) -> None:
+    """Append one contender's result to ``path`` (JSON lines) as soon as it is measured, so
+    that a run that stops later (a contender that cannot start, a machine taken back) keeps
+    what it measured: the full JSON is written only once every round has run."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"round": round_index + 1, "result": asdict(result)}) + "\n")
+
+
+def read_partial(path: Path) -> list[tuple[int, Result]]:
+    """The (round, result) pairs ``record_partial`` wrote."""
+    lines = path.read_text().splitlines()
+    return [(d["round"], Result(**d["result"])) for d in map(json.loads, lines) if d]
+
+
+def run_round(
+    setup: Setup, index: int, partial: Path | None = None
+) -> list[tuple[Result, list[tuple[float, float]]]]:
+    """Every contender once, in the same order (``contenders``); each result also goes to
+    ``partial`` as it comes (``record_partial``)."""
     from service.config import Settings
 
     runs = []
@@ -669,6 +689,7 @@ def run_round(setup: Setup, index: int) -> list[tuple[Result, list[tuple[float, 
                 r, c = run_service(setup, spec, work / name, str(arg))
             r.name = name
             runs.append((r, c))
+            record_partial(partial, index, r)
             print(f"  {name}: {r.wall_s:.1f} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -784,13 +805,21 @@ def main() -> int:
     # The in-process baseline pays this process's one-off costs (torch._dynamo's import with
     # the first optimizer, the dataset) here, not in round 1, as the isolated contenders do.
     run_baseline(setup, _warm_up_spec(job_spec(setup, "warm-up")))
+    tag = ("-quick" if args.quick else "") + ("-cuda" if setup.device == "cuda" else "")
+    out = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{tag}.json"
+    partial = out.with_suffix(".partial.jsonl")
     rounds: list[list[tuple[Result, list[tuple[float, float]]]]] = []
-    for i in range(args.repeats):
-        if args.repeats > 1:
-            print(f"round {i + 1}/{args.repeats}", flush=True)
-        rounds.append(run_round(setup, i))
-        for p, measured in peaks.items():
-            measured.append(measure_matmul_peak(p, setup.device))
+    try:
+        for i in range(args.repeats):
+            if args.repeats > 1:
+                print(f"round {i + 1}/{args.repeats}", flush=True)
+            rounds.append(run_round(setup, i, partial))
+            for p, measured in peaks.items():
+                measured.append(measure_matmul_peak(p, setup.device))
+    except BaseException:
+        if partial.exists():
+            print(f"stopped; what was measured until then is in {partial}", flush=True)
+        raise
     peak = {p: max(measured) for p, measured in peaks.items()}
     print(
         "matmul peak at the start and after each round: "
@@ -870,8 +899,6 @@ def main() -> int:
         p: _summary(results, "" if p == "fp32" else "_" + p, k, target) for p in precisions
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = ("-quick" if args.quick else "") + ("-cuda" if setup.device == "cuda" else "")
-    out = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{tag}.json"
     out.write_text(
         json.dumps(
             {
@@ -896,6 +923,7 @@ def main() -> int:
             indent=2,
         )
     )
+    partial.unlink(missing_ok=True)  # all of it is in the full JSON now
     print(f"\nwrote {out}")
     if args.repeats > 1:
         print(f"each round against its own baseline: {_by_round_line(summaries['fp32'])}")

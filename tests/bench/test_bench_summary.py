@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+
 from bench.run import Result, _by_round_line, _ceiling_line, _summary, _summary_line
 
 
@@ -93,3 +97,24 @@ def test_a_baseline_of_the_first_trials_is_compared_by_rate_and_over_those_trial
     assert round(summary["population_vs_baseline_without_overhead"], 6) == round(
         (512 / 8) / (64 / 44), 6
     )
+
+
+def test_results_are_kept_as_they_come(tmp_path: Path) -> None:
+    """A bench that stops halfway keeps each contender measured until then (the GPU runs of
+    session 17 lost theirs when a service contender could not start)."""
+    from bench.run import read_partial, record_partial
+
+    path = tmp_path / "results" / "bench-x.partial.jsonl"
+    record_partial(None, 0, _result("baseline", [10.0]))  # no file asked for: nothing
+    assert not path.parent.exists()
+    first, second = _result("baseline", [10.0]), _result("engine_population", [2.0], best=0.96)
+    first.notes["walls_s"] = [10.0]
+    record_partial(path, 0, first)
+    record_partial(path, 1, second)
+    # As the full JSON keeps them: JSON's types (tuples come back as lists)
+    as_json = [
+        (1, json.loads(json.dumps(asdict(first)))),
+        (2, json.loads(json.dumps(asdict(second)))),
+    ]
+    assert [(k, asdict(r)) for k, r in read_partial(path)] == as_json
+    assert [r.name for _, r in read_partial(path)] == ["baseline", "engine_population"]
