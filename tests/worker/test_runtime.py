@@ -14,7 +14,7 @@ from service.spec import JobSpec
 from service.studies import make_storage
 from service.submission import submit
 from tests.support.specs import random_spec
-from worker.runtime import RuntimeCache, describe, subsample
+from worker.runtime import JobRuntime, RuntimeCache, describe, subsample
 
 
 def test_runtime_is_loaded_once_per_job(tmp_path: Path) -> None:
@@ -35,6 +35,31 @@ def test_runtime_is_loaded_once_per_job(tmp_path: Path) -> None:
     assert (d["features"], d["classes"]) == (64, 10)
     cache.forget(job.id)
     assert cache.get(job) is not rt
+
+
+def test_jobs_on_the_same_split_share_its_resident_tensors(tmp_path: Path) -> None:
+    s = Settings(data_root=tmp_path)
+    engine = make_engine(s.resolved_database_url)
+    create_schema(engine)
+    jobs, storage = JobStore(engine), make_storage(s.resolved_database_url, s)
+    cache = RuntimeCache(s, storage)
+
+    def runtime(**training: object) -> JobRuntime:
+        spec = JobSpec.model_validate(random_spec(training={"validation_split": 0.2, **training}))
+        return cache.get(submit(spec, settings=s, jobs=jobs, storage=storage)[0])
+
+    first, second = runtime(), runtime()
+    assert first.job_id != second.job_id
+    # one copy per process: what the first job derived from it is there for the second
+    assert second.data is first.data
+    key = ("test", "derived")
+    assert first.data.derived(key, lambda: object()) is second.data.derived(key, lambda: 1)
+    # another split or another training subset is other data
+    other_split = runtime(validation_split=0.25)
+    subset = runtime(train_subset=300)
+    assert other_split.data is not first.data and subset.data is not first.data
+    assert describe(other_split)["val"] == 450 and describe(subset)["train"] == 300
+    assert runtime(train_subset=300).data is subset.data
 
 
 def test_train_subset_is_stratified_and_seeded() -> None:
