@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,6 +185,24 @@ def measure_matmul_peak(precision: str = "fp32", device: str = "cpu") -> float:
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return matmul_gflops(dtype, n=1024, repeats=5, inner=10)
+
+
+def slow_bf16_reason(device: str, speedup: float | None = None) -> str | None:
+    """Why the bf16 contenders are left out on this machine, or None: a CPU whose bf16
+    matmuls are slower than its fp32 ones (no AVX-512 BF16 or AMX) runs them through a
+    reference kernel, measured at 0.7 GFLOP/s against 154 fp32 on an AVX2-only AMD EPYC,
+    where the bf16 peak measurement took minutes and a bf16 contender would take hours. The
+    workers warn about bf16 jobs on such a CPU by the same measurement and threshold.
+    ``speedup``: bf16 over fp32 matmul speed; measured here when not given."""
+    if device != "cpu":
+        return None
+    from worker.training.matmul_speed import BF16_SLOWER_BELOW, cpu_bf16_speedup
+
+    if speedup is None:
+        speedup = cpu_bf16_speedup()
+    if speedup >= BF16_SLOWER_BELOW:
+        return None
+    return f"this CPU multiplies bf16 matrices at {speedup:.2f}x its fp32 speed"
 
 
 def _cuda_matmul_gflops(precision: str, n: int = 8192, repeats: int = 10) -> float:
@@ -658,17 +676,20 @@ def read_partial(path: Path) -> list[tuple[int, Result]]:
 
 
 def run_round(
-    setup: Setup, index: int, partial: Path | None = None
+    setup: Setup,
+    index: int,
+    partial: Path | None = None,
+    precisions: Sequence[str] | None = None,
 ) -> list[tuple[Result, list[tuple[float, float]]]]:
-    """Every contender once, in the same order (``contenders``); each result also goes to
-    ``partial`` as it comes (``record_partial``)."""
+    """Every contender once, in the same order (``contenders``), those of ``precisions``
+    only when given; each result also goes to ``partial`` as it comes (``record_partial``)."""
     from service.config import Settings
 
     runs = []
     worker_flush = Settings().flush_denormals  # HPO_FLUSH_DENORMALS, as the workers read it
     work = Path(tempfile.mkdtemp(prefix=f"hpo-bench-{index}-"))
     try:
-        for name, kind, precision, arg in contenders(setup.device):
+        for name, kind, precision, arg in contenders(setup.device, precisions):
             # The one-model-at-a-time contenders run the first baseline_trials (Setup).
             alone = kind == "baseline" or (kind == "engine" and arg == 1)
             spec = job_spec(setup, name, precision, setup.n_baseline_trials if alone else None)
@@ -696,8 +717,11 @@ def run_round(
     return runs
 
 
-def contenders(device: str) -> list[tuple[str, str, str, Any]]:
-    """(name, kind, precision, argument) of each contender, in the order they run.
+def contenders(
+    device: str, precisions: Sequence[str] | None = None
+) -> list[tuple[str, str, str, Any]]:
+    """(name, kind, precision, argument) of each contender, in the order they run; only
+    those of ``precisions`` when given.
 
     kind ``baseline``: the canonical loop (argument None: in this process; "flushed": in a
     fresh one with denormals flushed); ``engine``: ``hpo run``'s code path with the argument as
@@ -708,27 +732,30 @@ def contenders(device: str) -> list[tuple[str, str, str, Any]]:
     On CUDA denormal flushing is a CPU mode that changes nothing, and ``--processes auto`` is
     one process, so those two contenders are left out; tf32 (CUDA's fast fp32 matmuls) is in.
     """
-    if device == "cuda":
-        return [
-            ("baseline", "baseline", "fp32", None),
-            ("engine_sequential", "engine", "fp32", 1),
-            ("engine_population", "engine", "fp32", None),
-            ("engine_population_tf32", "engine", "tf32", None),
-            ("engine_population_bf16", "engine", "bf16", None),
-            ("service", "service", "fp32", "auto"),
-            ("service_tf32", "service", "tf32", "auto"),
-            ("service_bf16", "service", "bf16", "auto"),
-        ]
-    return [
-        ("baseline", "baseline", "fp32", None),
-        ("baseline_flushed", "baseline", "fp32", "flushed"),
-        ("engine_sequential", "engine", "fp32", 1),
-        ("engine_population", "engine", "fp32", None),
-        ("engine_population_bf16", "engine", "bf16", None),
-        ("service_1proc", "service", "fp32", "1"),
-        ("service", "service", "fp32", "auto"),
-        ("service_bf16", "service", "bf16", "auto"),
-    ]
+    every = _CUDA_CONTENDERS if device == "cuda" else _CPU_CONTENDERS
+    return [c for c in every if precisions is None or c[2] in precisions]
+
+
+_CUDA_CONTENDERS: list[tuple[str, str, str, Any]] = [
+    ("baseline", "baseline", "fp32", None),
+    ("engine_sequential", "engine", "fp32", 1),
+    ("engine_population", "engine", "fp32", None),
+    ("engine_population_tf32", "engine", "tf32", None),
+    ("engine_population_bf16", "engine", "bf16", None),
+    ("service", "service", "fp32", "auto"),
+    ("service_tf32", "service", "tf32", "auto"),
+    ("service_bf16", "service", "bf16", "auto"),
+]
+_CPU_CONTENDERS: list[tuple[str, str, str, Any]] = [
+    ("baseline", "baseline", "fp32", None),
+    ("baseline_flushed", "baseline", "fp32", "flushed"),
+    ("engine_sequential", "engine", "fp32", 1),
+    ("engine_population", "engine", "fp32", None),
+    ("engine_population_bf16", "engine", "bf16", None),
+    ("service_1proc", "service", "fp32", "1"),
+    ("service", "service", "fp32", "auto"),
+    ("service_bf16", "service", "bf16", "auto"),
+]
 
 
 def main() -> int:
@@ -788,6 +815,10 @@ def main() -> int:
     # The peak is measured at the start and again after every round: the machine's speed
     # drifts, and the highest measurement is the denominator of "% of peak" (conservative).
     precisions = ["fp32", "tf32", "bf16"] if setup.device == "cuda" else ["fp32", "bf16"]
+    skipped = slow_bf16_reason(setup.device)
+    if skipped is not None:  # its peak alone would take minutes, a bf16 contender hours
+        precisions.remove("bf16")
+        print(f"bf16 contenders skipped: {skipped}", flush=True)
     peaks = {p: [measure_matmul_peak(p, setup.device)] for p in precisions}
     print(
         f"data: {setup.split_note}; {setup.n_trials} trials x {setup.epochs} epochs"
@@ -813,7 +844,7 @@ def main() -> int:
         for i in range(args.repeats):
             if args.repeats > 1:
                 print(f"round {i + 1}/{args.repeats}", flush=True)
-            rounds.append(run_round(setup, i, partial))
+            rounds.append(run_round(setup, i, partial, precisions))
             for p, measured in peaks.items():
                 measured.append(measure_matmul_peak(p, setup.device))
     except BaseException:
@@ -906,10 +937,10 @@ def main() -> int:
                 "matmul_peak_gflops": peak["fp32"],
                 "live_features": n_live,
                 "flops_per_model_epoch": fpe,
-                "matmul_peak_gflops_bf16": peak["bf16"],
+                "matmul_peak_gflops_bf16": peak.get("bf16"),
                 "matmul_peak_gflops_tf32": peak.get("tf32"),
                 "matmul_peak_measurements_gflops": peaks["fp32"],
-                "matmul_peak_measurements_gflops_bf16": peaks["bf16"],
+                "matmul_peak_measurements_gflops_bf16": peaks.get("bf16"),
                 "matmul_peak_measurements_gflops_tf32": peaks.get("tf32"),
                 "torch_threads": torch.get_num_threads(),
                 "torch_version": torch.__version__,
@@ -917,7 +948,8 @@ def main() -> int:
                 "repeats": args.repeats,
                 "results": [asdict(r) for r in results],
                 "summary": summaries["fp32"],
-                "summary_bf16": summaries["bf16"],
+                "summary_bf16": summaries.get("bf16"),
+                "bf16_skipped": skipped,
                 "summary_tf32": summaries.get("tf32"),
             },
             indent=2,

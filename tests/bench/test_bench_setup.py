@@ -12,6 +12,7 @@ from bench.run import (
     job_spec,
     make_setup,
     run_engine,
+    slow_bf16_reason,
 )
 
 NO_MNIST = Path("/nonexistent")  # digits: the bench's fallback data
@@ -38,6 +39,18 @@ def test_cuda_runs_hundreds_of_trials_and_the_baseline_on_the_first_ones() -> No
     assert "baseline_flushed" not in by_name and "service_1proc" not in by_name
     assert by_name["engine_population_tf32"] == by_name["service_tf32"] == "tf32"
     assert all(_precision_of(name) == p for name, p in by_name.items())
+
+
+def test_bf16_contenders_are_left_out_on_a_cpu_without_fast_bf16() -> None:
+    # an AVX2-only CPU: bf16 matmuls through a reference kernel, 0.7 against 154 GFLOP/s
+    reason = slow_bf16_reason("cpu", speedup=0.7 / 154)
+    assert reason == "this CPU multiplies bf16 matrices at 0.00x its fp32 speed"
+    assert slow_bf16_reason("cpu", speedup=3.9) is None  # AMX
+    assert slow_bf16_reason("cuda") is None  # not measured: a GPU has fast bf16
+    kept = contenders("cpu", ["fp32"])
+    assert [c[0] for c in kept] == [c[0] for c in contenders("cpu") if c[2] == "fp32"]
+    assert len(kept) == len(contenders("cpu")) - 2  # engine_population_bf16, service_bf16
+    assert {c[2] for c in contenders("cuda", ["fp32", "tf32"])} == {"fp32", "tf32"}
 
 
 def test_overrides_and_a_subset_as_large_as_the_job_is_the_whole_job() -> None:
