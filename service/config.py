@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     epoch_report_interval_s: float = Field(
         default=defaults.EPOCH_REPORT_INTERVAL_S,
         ge=0,
-        description="A population writes its members' epoch values (intermediate values) at "
-        "most this often, and each member's with its result: live curves lag by about this. "
+        description="A worker writes its running trials' epoch values (intermediate values) "
+        "at most this often, and each trial's with its result: live curves lag by about this. "
         "0 writes every epoch.",
     )
     device: str = Field(default="auto", description="auto | cpu | cuda")

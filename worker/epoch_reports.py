@@ -1,8 +1,9 @@
-"""A population's intermediate values, written together at most once per interval.
+"""Running trials' intermediate values, written together at most once per interval.
 
 Each epoch of a stack gives every member an intermediate value. Writing them after each epoch
 (one commit per stack and epoch, plus one per epoch for a stack pruned down to one member) was
-the largest single storage cost of a population run. The values wait here instead, and in each
+the largest single storage cost of a population run, and a commit per epoch that of a lone
+(sequential) trial, which goes the same way. The values wait here instead, and in each
 trial's cached copy, so its own pruning checks see them at once, until either:
 
 - ``interval_s`` has passed since the last write: all pending values go in one commit, so a

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, cast
@@ -310,8 +310,8 @@ class TrialContext:
     # (count_finished_into_job), instead of two statements per member; a crash in between is
     # repaired by the reaper, which settles a job's count from its study.
     defer_job_count: bool = False
-    # A population's epoch reports wait here between writes (see worker.epoch_reports); None:
-    # each epoch's value is written at once, as a sequential trial does.
+    # Epoch reports wait here between writes (see worker.epoch_reports); run_trial and
+    # run_population give their trials one. None: each epoch's value is written at once.
     reports: EpochReports | None = None
     report_interval_s: float = defaults.EPOCH_REPORT_INTERVAL_S
     # When a storage call of these trials last gave up on the database (monotonic seconds),
@@ -512,7 +512,13 @@ def epoch_hook(ctx: TrialContext, trial: optuna.Trial) -> Callable[[EpochMetrics
             # Already reported when report_epochs took the whole population's epoch at once.
             reported = m.epoch in trial._cached_frozen_trial.intermediate_values
             if math.isfinite(value) and not reported:
-                ctx.retry(lambda: trial.report(value, m.epoch), f"reporting trial {n}")
+                if ctx.reports is None:
+                    ctx.retry(lambda: trial.report(value, m.epoch), f"reporting trial {n}")
+                else:  # a lone trial's: they wait with the population's (worker.epoch_reports)
+                    ctx.reports.add([(trial, m.epoch, value)])
+                    if ctx.reports.due():
+                        ctx.reports.write(ctx.retry)
+                        ctx.reports.raise_error(trial)
             if ctx.on_epoch is not None:
                 ctx.on_epoch(trial.number, m)
             stop = reason_to_stop(ctx)
@@ -574,7 +580,14 @@ def _objective_value(m: EpochMetrics, objective: str) -> float:
 
 
 def run_trial(ctx: TrialContext) -> TrialOutcome:
-    """Run one trial for a job whose budget slot the caller has already reserved."""
+    """Run one trial for a job whose budget slot the caller has already reserved.
+
+    Its epoch values wait and are written at most every ``ctx.report_interval_s`` and with its
+    result, as a population's members' are (worker.epoch_reports): a commit per epoch was
+    the largest storage cost of a sequential trial (measured on the bench's P=1 engine run).
+    """
+    if ctx.reports is None:
+        ctx = replace(ctx, reports=EpochReports(ctx.rt.study, ctx.report_interval_s))
     claimed: list[int] = []
     try:
         trial = ask(ctx.rt, claimed)
@@ -644,8 +657,8 @@ def _finish_interrupted(
     counts_as_failure: bool = True,
 ) -> TrialOutcome:
     rt, number = ctx.rt, trial.number
-    if ctx.reports is not None:
-        ctx.reports.write_trial(trial, exc)
+    if ctx.reports is not None and not isinstance(exc, optuna.TrialPruned):
+        ctx.reports.write_trial(trial, exc)  # a pruned trial's go with its tell, below
     if isinstance(exc, UpdateFinishedTrialError):
         return _lost(ctx, trial)
     if is_transient(exc):

@@ -1,5 +1,6 @@
-"""worker.epoch_reports: a population's epoch reports wait and are written together, on real
-SQLite databases (and through a real worker for the whole run)."""
+"""worker.epoch_reports: running trials' epoch reports (a population's, a lone trial's) wait
+and are written together, on real SQLite databases (and through a real worker for the whole
+run)."""
 
 from __future__ import annotations
 
@@ -51,11 +52,12 @@ def no_retry(fn: Any, what: str) -> Any:
     return fn()
 
 
-def _run(tmp_path: Path, interval_s: float) -> tuple[optuna.Study, Settings]:
-    """One worker, stacks of 4, a median pruner: 12 trials of 6 epochs."""
+def _run(tmp_path: Path, interval_s: float, population: int = 4) -> tuple[optuna.Study, Settings]:
+    """One worker, stacks of ``population`` (1: sequential trials), a median pruner: 12
+    trials of 6 epochs."""
     settings, study, jobs, job_id = submit_job(
         tmp_path,
-        4,
+        population,
         n_trials=12,
         training={"max_epochs": 6, "early_stopping": None},
         pruner={"type": "median", "n_startup_trials": 4, "n_warmup_steps": 0},
@@ -66,13 +68,14 @@ def _run(tmp_path: Path, interval_s: float) -> tuple[optuna.Study, Settings]:
     return study, settings
 
 
-def test_a_stack_writes_its_reports_with_its_tells_not_after_every_epoch(
-    tmp_path: Path, report_writes: list[int]
+@pytest.mark.parametrize("population", [4, 1], ids=["stacks", "sequential"])
+def test_reports_are_written_with_the_tells_not_after_every_epoch(
+    tmp_path: Path, report_writes: list[int], population: int
 ) -> None:
-    study, _ = _run(tmp_path / "long", interval_s=3600)
+    study, _ = _run(tmp_path / "long", interval_s=3600, population=population)
     long_writes = list(report_writes)
     report_writes.clear()
-    every_epoch, _ = _run(tmp_path / "zero", interval_s=0)
+    every_epoch, _ = _run(tmp_path / "zero", interval_s=0, population=population)
 
     for s in (study, every_epoch):
         trials = s.get_trials()
@@ -90,6 +93,9 @@ def test_a_stack_writes_its_reports_with_its_tells_not_after_every_epoch(
     assert sum(long_writes) == sum(len(t.intermediate_values) for t in study.get_trials())
     assert sum(report_writes) >= epochs
     assert len(long_writes) < len(report_writes) / 2, (long_writes, report_writes)
+    if population == 1:  # one write per trial (in its tell) against one per epoch
+        assert len(long_writes) == len(study.get_trials())
+        assert len(report_writes) == epochs
 
 
 def test_pending_reports_are_seen_by_the_trial_at_once_and_written_after_the_interval(
