@@ -48,6 +48,31 @@ def test_time_in_sqlalchemy_counts_as_storage_and_plain_python_does_not(tmp_path
     assert 0.8 < end["observed_s"] < 2.5, end
 
 
+def test_plain_python_between_queries_is_not_charged_to_them(tmp_path: Path) -> None:
+    """Stretches of plain Python shorter than Python's GIL switch interval (5 ms), each
+    followed by a query: the clock's thread used to look only when the query released the GIL
+    and charged the Python before it to storage (12.5x the queries' own time)."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    with engine.connect() as c:
+        c.execute(text("create table t (x integer)"))
+        switch = sys.getswitchinterval()
+        clock = StorageClock().start()
+        in_queries = 0.0
+        for _ in range(150):
+            _python_for(0.004)
+            started = time.perf_counter()
+            c.execute(text("insert into t values (1)"))
+            c.execute(text("select count(*) from t")).scalar()
+            in_queries += time.perf_counter() - started
+        clock.stop()
+    engine.dispose()
+    assert sys.getswitchinterval() == switch  # given back
+    # about 0.6 s of Python and a fraction of that in queries; loose for a loaded CI machine
+    assert in_queries < 0.3, in_queries
+    assert clock.storage_s < max(4 * in_queries, 0.1), (clock.storage_s, in_queries)
+    assert clock.observed_s > 0.5, clock.observed_s
+
+
 def test_code_run_through_the_retry_wrapper_counts_only_where_it_is_storage(
     tmp_path: Path,
 ) -> None:
