@@ -16,8 +16,8 @@ not Python's 5 ms). The clock's thread needs the GIL to look; with 5 ms it got i
 main thread released it, at its next query or torch op, and each such look charged the Python
 that had run since the previous one to that call. Main-thread stretches of plain Python shorter
 than the switch interval, each followed by a query, were then counted as storage: 12.5x the
-storage time measured with a timer around each query, in a synthetic check (1.4x at 0.5 ms;
-tests/bench/test_storage_clock.py). The bench's own runs were not affected measurably: the
+storage time measured with a timer around each query, in a synthetic check (1.4-2.1x at
+0.5 ms, the rest being the up to 1 ms before each look; tests/bench/test_storage_clock.py). The bench's own runs were not affected measurably: the
 population contender's storage read 443-461 ms at 5 ms and 465-478 ms at 0.5 ms.
 
 ``STORAGE_CLOCK_DIR`` in a process's environment, with ``bench/storage_hook`` on its

@@ -2,8 +2,8 @@
 
 Each epoch of a stack gives every member an intermediate value. Writing them after each epoch
 (one commit per stack and epoch, plus one per epoch for a stack pruned down to one member) was
-the largest single storage cost of a population run, and a commit per epoch that of a lone
-(sequential) trial, which goes the same way. The values wait here instead, and in each
+the largest single storage cost of a population run; a lone (sequential) trial's values go
+the same way instead of a commit per epoch. The values wait here instead, and in each
 trial's cached copy, so its own pruning checks see them at once, until either:
 
 - ``interval_s`` has passed since the last write: all pending values go in one commit, so a
