@@ -192,17 +192,13 @@ def slow_bf16_reason(device: str, speedup: float | None = None) -> str | None:
     matmuls are slower than its fp32 ones (no AVX-512 BF16 or AMX) runs them through a
     reference kernel, measured at 0.7 GFLOP/s against 154 fp32 on an AVX2-only AMD EPYC,
     where the bf16 peak measurement took minutes and a bf16 contender would take hours. The
-    workers warn about bf16 jobs on such a CPU by the same measurement and threshold.
+    reason is the warning a worker logs for a bf16 job on such a CPU (``bf16_warning``).
     ``speedup``: bf16 over fp32 matmul speed; measured here when not given."""
     if device != "cpu":
         return None
-    from worker.training.matmul_speed import BF16_SLOWER_BELOW, cpu_bf16_speedup
+    from worker.training.matmul_speed import bf16_warning, cpu_bf16_speedup
 
-    if speedup is None:
-        speedup = cpu_bf16_speedup()
-    if speedup >= BF16_SLOWER_BELOW:
-        return None
-    return f"this CPU multiplies bf16 matrices at {speedup:.2f}x its fp32 speed"
+    return bf16_warning(cpu_bf16_speedup() if speedup is None else speedup)
 
 
 def _cuda_matmul_gflops(precision: str, n: int = 8192, repeats: int = 10) -> float:

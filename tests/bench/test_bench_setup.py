@@ -44,7 +44,11 @@ def test_cuda_runs_hundreds_of_trials_and_the_baseline_on_the_first_ones() -> No
 def test_bf16_contenders_are_left_out_on_a_cpu_without_fast_bf16() -> None:
     # an AVX2-only CPU: bf16 matmuls through a reference kernel, 0.7 against 154 GFLOP/s
     reason = slow_bf16_reason("cpu", speedup=0.7 / 154)
-    assert reason == "this CPU multiplies bf16 matrices at 0.00x its fp32 speed"
+    assert reason == (
+        "training.precision bf16: this CPU multiplies bf16 matrices at 0.00x its fp32 speed "
+        "(it lacks fast bf16 matrix instructions such as AMX), so this job trains slower than "
+        "it would with training.precision fp32"
+    )
     assert slow_bf16_reason("cpu", speedup=3.9) is None  # AMX
     assert slow_bf16_reason("cuda") is None  # not measured: a GPU has fast bf16
     kept = contenders("cpu", ["fp32"])

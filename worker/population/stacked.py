@@ -627,11 +627,9 @@ class _RandomBits:
         self.generator = None if self.cpu else torch.Generator(device=device).manual_seed(seed)
 
     def int16(self, buffer: Tensor, shape: torch.Size) -> Tensor:
-        """``shape`` uniform int16 numbers: four per 64-bit draw, ``buffer`` (int64) long enough."""
-        if self.cpu:
-            raw = torch.from_numpy(self.sfc64.random_raw(buffer.numel()).view(np.int64))
-        else:
-            raw = self.fill(buffer)
+        """CPU: ``shape`` uniform int16 numbers, four per 64-bit draw of as many draws as
+        ``buffer`` (int64) holds. (On CUDA the bits are drawn into the buffer by ``fill``.)"""
+        raw = torch.from_numpy(self.sfc64.random_raw(buffer.numel()).view(np.int64))
         return _int16_view(raw, shape)
 
     def keep(self, buffer: Tensor, thresholds: Tensor, *, out: Tensor) -> Tensor:

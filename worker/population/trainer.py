@@ -408,9 +408,9 @@ class _Population:
             rows = perm[:, start : start + size].reshape(-1)
             correct += stack.train_step(self.X_train, data.y_train, rows, losses[slot])
             self.optimizer.step(stack.params, stack.grads)
-        if self.graph is not None:
-            correct += self.graph.correct
-            self.graph.correct.zero_()
+        if graph is not None:
+            correct += graph.correct
+            graph.correct.zero_()
         for m in active:
             m.step_schedule()
         val_loss_sum, val_correct = stack.evaluate(self.X_val, data.y_val)
