@@ -9,6 +9,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from service.db.engine import reader
 from service.errors import NotFoundError
 
 MODEL_ARTIFACT_ATTR = "model_artifact_id"
@@ -91,7 +92,7 @@ def progress(study: optuna.Study) -> tuple[dict[str, int], BestRow | None]:
     counts = {state.name.lower(): 0 for state in TrialState}
     for state, n in count_trials_by_state(storage, sid).items():
         counts[state.name.lower()] = n
-    with backend.engine.connect() as conn:
+    with reader(backend.engine).connect() as conn:
         counts["diverged"] = int(
             conn.execute(
                 select(func.count())
@@ -116,7 +117,7 @@ def _ranked_complete(study: optuna.Study, backend: Any) -> list[tuple[int, int, 
     from sqlalchemy import and_, select
 
     t, v, ua = models.TrialModel, models.TrialValueModel, models.TrialUserAttributeModel
-    with backend.engine.connect() as conn:
+    with reader(backend.engine).connect() as conn:
         model_attr = (
             select(ua.trial_id)
             .where(ua.key == MODEL_ARTIFACT_ATTR)

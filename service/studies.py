@@ -11,12 +11,13 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._rdb import storage as rdb_storage_module
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import func, select, text
 
 from search_spaces.sampling import distribution
 from service.config import Settings
-from service.db.engine import configure_sqlite, engine_kwargs, ensure_sqlite_dir
+from service.db.engine import configure_sqlite, engine_kwargs, ensure_sqlite_dir, reader
 from service.samplers import TrialSeededRandomSampler, TrialSeededTPESampler
 from service.spec import JobSpec
 
@@ -161,7 +162,7 @@ def waiting_trial_ids(storage: optuna.storages.BaseStorage, study_id: int) -> li
 
 def _study_rows(backend: RDBStorage, sql: str, study_id: int) -> list[Any]:
     """The rows of one SQL query on the trials of ``study_id`` (bound as ``:sid``)."""
-    with backend.engine.connect() as conn:
+    with reader(backend.engine).connect() as conn:
         return list(conn.execute(text(sql), {"sid": study_id}))
 
 
@@ -186,8 +187,40 @@ def completed_trial_ids(storage: optuna.storages.BaseStorage, study_id: int) -> 
         .where(t.study_id == study_id, t.state == TrialState.COMPLETE)
         .order_by(t.trial_id)
     )
-    with backend.engine.connect() as conn:
+    with reader(backend.engine).connect() as conn:
         return list(conn.scalars(query))
+
+
+def best_complete_value(
+    storage: optuna.storages.BaseStorage, study_id: int, direction: StudyDirection
+) -> float | None:
+    """The best value among the study's COMPLETE trials, None before the first one.
+
+    On an RDB storage one aggregate query through ``reader``: Optuna's ``Study.best_value``
+    loads the best trial with its parameters and attributes, and on SQLite takes the write lock
+    to read it (a worker asks after each population whether its best trial is the job's)."""
+    from optuna.storages._rdb import models
+
+    backend = rdb_backend(storage)
+    if backend is None:
+        try:
+            return storage.get_best_trial(study_id).value
+        except ValueError:  # no COMPLETE trial yet
+            return None
+    t, v = models.TrialModel, models.TrialValueModel
+    maximize = direction == StudyDirection.MAXIMIZE
+    query = (
+        select(v.value_type, (func.max if maximize else func.min)(v.value))
+        .join(t, t.trial_id == v.trial_id)
+        .where(t.study_id == study_id, t.state == TrialState.COMPLETE, v.objective == 0)
+        .group_by(v.value_type)
+    )
+    with reader(backend.engine).connect() as conn:
+        # One row per kind: the finite values' best, and +inf / -inf (stored as NULL) if any.
+        values = [v.stored_repr_to_value(value, kind) for kind, value in conn.execute(query)]
+    if not values:
+        return None
+    return max(values) if maximize else min(values)
 
 
 def learning_curves(
@@ -209,7 +242,7 @@ def learning_curves(
         .where(v.trial_id.in_(curves))
         .order_by(v.step)
     )
-    with backend.engine.connect() as conn:
+    with reader(backend.engine).connect() as conn:
         for trial_id, step, stored, kind in conn.execute(query):
             curves[trial_id][step] = v.stored_repr_to_intermediate_value(stored, kind)
     return curves
@@ -226,7 +259,7 @@ def stale_study_names(storage: optuna.storages.BaseStorage, grace_s: float) -> s
     backend = rdb_backend(storage)
     if backend is None:
         return set()
-    with backend.engine.connect() as conn:
+    with reader(backend.engine).connect() as conn:
         now = conn.execute(select(func.now())).scalar()
         assert now is not None
         cutoff = now.replace(tzinfo=None) - timedelta(seconds=grace_s)

@@ -35,6 +35,7 @@ from service.results import MODEL_ARTIFACT_ATTR
 from service.states import JobState
 from service.studies import (
     WORKER_ATTR,
+    best_complete_value,
     completed_trial_ids,
     count_finished_trials,
     learning_curves,
@@ -838,9 +839,8 @@ def _result_attrs(result: TrialResult, *, target: float | None = None) -> dict[s
 
 
 def _is_new_best(study: optuna.Study, value: float) -> bool:
-    try:
-        best = study.best_value
-    except ValueError:  # no complete trial yet
+    best = best_complete_value(study._storage, study._study_id, study.direction)
+    if best is None:  # no complete trial yet
         return True
     return value > best if study.direction == optuna.study.StudyDirection.MAXIMIZE else value < best
 

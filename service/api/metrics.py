@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 
-from service.db import JobStore
+from service.db import JobStore, reader
 from service.states import JobState
 
 TRIAL_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -24,7 +24,7 @@ class _DatabaseCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         try:
             counts = self.jobs.counts_by_state()
-            with self.engine.connect() as c:
+            with reader(self.engine).connect() as c:
                 rows = c.execute(
                     text(
                         "SELECT state, datetime_start, datetime_complete FROM trials "

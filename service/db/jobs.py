@@ -13,6 +13,7 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.db.engine import reader
 from service.db.models import Job, utcnow
 from service.errors import ConflictError, InvalidTransitionError, NotFoundError
 from service.spec import JobSpec, spec_to_json
@@ -109,20 +110,20 @@ class JobStore:
         return existing
 
     def by_idempotency_key(self, owner: str, key: str) -> Job | None:
-        with Session(self.engine, expire_on_commit=False) as s:
+        with Session(reader(self.engine), expire_on_commit=False) as s:
             return s.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
 
     # Reads ------------------------------------------------------------------------------------
     def get(self, job_id: str, *, owner: str | None = None) -> Job:
         """The job, or NotFoundError (also when it belongs to another owner)."""
-        with Session(self.engine, expire_on_commit=False) as s:
+        with Session(reader(self.engine), expire_on_commit=False) as s:
             job = s.get(Job, job_id)
         if job is None or (owner is not None and job.owner != owner):
             raise NotFoundError(f"no job with id {job_id!r}", field="job_id")
         return job
 
     def find_by_name(self, name: str, *, owner: str | None = None) -> list[Job]:
-        with Session(self.engine, expire_on_commit=False) as s:
+        with Session(reader(self.engine), expire_on_commit=False) as s:
             q = select(Job).where(Job.name == name)
             if owner is not None:
                 q = q.where(Job.owner == owner)
@@ -137,7 +138,7 @@ class JobStore:
         before: tuple[datetime, str] | None = None,
     ) -> list[Job]:
         """Newest first; ``before`` is the (created_at, id) of the last item of the previous page."""
-        with Session(self.engine, expire_on_commit=False) as s:
+        with Session(reader(self.engine), expire_on_commit=False) as s:
             q = select(Job)
             if owner is not None:
                 q = q.where(Job.owner == owner)
@@ -150,7 +151,7 @@ class JobStore:
 
     def runnable(self, *, limit: int = 20) -> list[Job]:
         """Jobs a worker may take trials from, oldest first."""
-        with Session(self.engine, expire_on_commit=False) as s:
+        with Session(reader(self.engine), expire_on_commit=False) as s:
             q = (
                 select(Job)
                 .where(
@@ -162,13 +163,13 @@ class JobStore:
             return list(s.scalars(q))
 
     def in_state(self, state: JobState) -> list[Job]:
-        with Session(self.engine, expire_on_commit=False) as s:
+        with Session(reader(self.engine), expire_on_commit=False) as s:
             return list(
                 s.scalars(select(Job).where(Job.state == state.value).order_by(Job.created_at))
             )
 
     def count_active(self, owner: str) -> int:
-        with Session(self.engine) as s:
+        with Session(reader(self.engine)) as s:
             q = (
                 select(func.count())
                 .select_from(Job)
@@ -177,7 +178,7 @@ class JobStore:
             return int(s.scalar(q) or 0)
 
     def counts_by_state(self) -> dict[str, int]:
-        with Session(self.engine) as s:
+        with Session(reader(self.engine)) as s:
             rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
         return {state: int(n) for state, n in rows}
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
 
-from service.db import create_schema, engine_kwargs, is_sqlite, make_engine
+from service.db import create_schema, engine_kwargs, is_sqlite, make_engine, reader
 from service.db.schema import SCHEMA_VERSION
 from tests.support.postgres import require_postgres
 
@@ -65,3 +67,40 @@ class TestPostgresFixtureContract:
         monkeypatch.setenv("CI", "true")
         with pytest.raises(pytest.fail.Exception, match="CI is set"):
             require_postgres(self.UNREACHABLE)
+
+
+def test_sqlite_reads_through_reader_take_no_lock_and_writes_still_do(tmp_path: Path) -> None:
+    """A write transaction begins IMMEDIATE (it queues on the busy timeout instead of failing
+    mid-way); a read through ``reader`` begins DEFERRED and, under WAL, does not wait for a
+    writer that holds the lock."""
+    path = tmp_path / "hpo.db"
+    engine = make_engine(f"sqlite:///{path}")
+    begins: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _seen(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if statement.startswith("BEGIN"):
+            begins.append(statement)
+
+    with engine.begin() as c:
+        c.execute(text("CREATE TABLE t (x INTEGER)"))
+    assert reader(engine) is reader(engine)  # one per engine, sharing its pool and hooks
+    with reader(engine).connect() as c:
+        c.execute(text("SELECT COUNT(*) FROM t")).scalar()
+    assert begins == ["BEGIN IMMEDIATE", "BEGIN"]
+
+    # Another process's writer holds the lock for the whole of the read.
+    other = sqlite3.connect(path, isolation_level=None, timeout=30)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t VALUES (1)")
+    try:
+        started = time.perf_counter()
+        with reader(engine).connect() as c:
+            assert c.execute(text("SELECT COUNT(*) FROM t")).scalar() == 0  # the last commit
+        assert time.perf_counter() - started < 1.0
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    with reader(engine).connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM t")).scalar() == 1
+    engine.dispose()

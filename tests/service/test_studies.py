@@ -4,6 +4,7 @@ enqueueing (exactly one WAITING trial per grid point, also when the study is cre
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import optuna
@@ -16,6 +17,7 @@ from service.studies import (
     GRID_ENQUEUED_ATTR,
     JOB_ID_ATTR,
     SPEC_ATTR,
+    best_complete_value,
     completed_trial_ids,
     count_trials_by_state,
     create_job_study,
@@ -239,3 +241,33 @@ def test_new_databases_are_stamped_with_the_scripts_read_once(tmp_path: Path) ->
         assert out.stdout.strip() == "True", out.stderr
     for s in storages:
         s.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "memory"])
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_best_complete_value_is_optunas_best_value(
+    tmp_path: Path, backend: str, direction: str
+) -> None:
+    storage: optuna.storages.BaseStorage | None = None
+    if backend == "sqlite":
+        storage = make_storage(f"sqlite:///{tmp_path / 'hpo.db'}", Settings(data_root=tmp_path))
+    study = optuna.create_study(storage=storage, direction=direction)
+
+    def best() -> float | None:
+        return best_complete_value(study._storage, study._study_id, study.direction)
+
+    assert best() is None  # no trial yet
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, value=None))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    study.ask()  # RUNNING, no value
+    assert best() is None  # still no COMPLETE trial
+    for value in (0.3, 0.9, 0.1):
+        study.add_trial(optuna.trial.create_trial(value=value))
+        assert best() == study.best_value
+    assert best() == (0.9 if direction == "maximize" else 0.1)
+    # Infinite values are stored apart from the finite ones (as NULL and a type).
+    worst, better = (-math.inf, math.inf) if direction == "maximize" else (math.inf, -math.inf)
+    study.add_trial(optuna.trial.create_trial(value=worst))
+    assert best() == study.best_value == (0.9 if direction == "maximize" else 0.1)
+    study.add_trial(optuna.trial.create_trial(value=better))
+    assert best() == study.best_value == better

@@ -8,6 +8,7 @@ from sqlalchemy import text
 
 from service.api.deps import OwnerDep
 from service.api.schemas import Health
+from service.db import reader
 
 router = APIRouter(tags=["health"])
 
@@ -22,7 +23,7 @@ def healthz() -> Health:
 def readyz(request: Request) -> Response:
     """The database is reachable."""
     try:
-        with request.app.state.engine.connect() as conn:
+        with reader(request.app.state.engine).connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as e:
         return JSONResponse(
