@@ -214,7 +214,7 @@ class JobStateProbe:
         than training a stack of a cancelled job for an epoch)."""
         now = time.monotonic()
         if fresh or now - self._checked_at >= self.interval_s:
-            self._running = self.jobs.get(self.job_id).state == JobState.RUNNING
+            self._running = self.jobs.state(self.job_id) == JobState.RUNNING
             self._checked_at = now
         return self._running
 
@@ -915,12 +915,7 @@ def _tell_settled(
 def count_finished_into_job(ctx: TrialContext) -> None:
     """Set the job's finished count from its study; the job succeeds when it reaches its budget."""
     rt = ctx.rt
-    job = ctx.retry(lambda: sync_finished(rt.study, ctx.jobs, rt.job_id), "counting trials")
-    if job.finished >= job.n_trials:
-        ctx.retry(
-            lambda: ctx.jobs.try_transition(rt.job_id, JobState.SUCCEEDED),
-            f"finishing job {rt.job_id}",
-        )
+    ctx.retry(lambda: sync_finished(rt.study, ctx.jobs, rt.job_id), "counting trials")
 
 
 def sync_finished(study: optuna.Study, jobs: JobStore, job_id: str) -> Job:

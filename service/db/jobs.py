@@ -21,6 +21,7 @@ from service.states import (
     ACTIVE_STATES,
     RUNNABLE_STATES,
     TERMINAL_STATES,
+    TRANSITIONS,
     JobState,
     check_transition,
 )
@@ -288,21 +289,39 @@ class JobStore:
             return job
 
     def sync_finished(self, job_id: str, n_done: int) -> Job:
-        """Raise ``finished`` to ``n_done`` (the study's COMPLETE + PRUNED count) if it is lower;
-        returns the job. Setting a count read from the study, never adding one, makes this safe to
-        repeat: a worker that told a trial and a reaper that counted it cannot both add it, and a
-        count lost to a dropped connection is restored by the next call."""
+        """Raise ``finished`` to ``n_done`` (the study's COMPLETE + PRUNED count) if it is lower,
+        and succeed the job in the same transaction once the count reaches its budget (from a
+        state that may succeed: a cancelling job ends as its cancel says); returns the job.
+        Setting a count read from the study, never adding one, makes this safe to repeat: a
+        worker that told a trial and a reaper that counted it cannot both add it, and a count lost
+        to a dropped connection is restored by the next call. One commit instead of a count and
+        then a transition: the client following the job wakes once, to its end."""
+        may_succeed = [st.value for st, nxt in TRANSITIONS.items() if JobState.SUCCEEDED in nxt]
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
             s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.finished < n_done)
                 .values(finished=n_done, updated_at=utcnow())
             )
+            now = utcnow()
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.finished >= Job.n_trials, Job.state.in_(may_succeed))
+                .values(state=JobState.SUCCEEDED.value, updated_at=now, finished_at=now)
+            )
             job = s.get(Job, job_id)
             if job is None:
                 raise NotFoundError(f"no job with id {job_id!r}", field="job_id")
             s.refresh(job)
             return job
+
+    def state(self, job_id: str) -> JobState:
+        """The job's state alone (one column, not the row with its spec); NotFoundError if none."""
+        with Session(reader(self.engine)) as s:
+            found = s.scalar(select(Job.state).where(Job.id == job_id))
+        if found is None:
+            raise NotFoundError(f"no job with id {job_id!r}", field="job_id")
+        return JobState(found)
 
     # Deletion ---------------------------------------------------------------------------------
     def delete(self, job_id: str) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 
 from service.db import JobStore, create_schema, make_engine
 from service.errors import ConflictError, InvalidTransitionError, NotFoundError
@@ -293,6 +293,41 @@ class TestBudget:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda _: store.record_finished(jid), range(20)))
         assert store.get(jid).finished == 20
+
+    def test_sync_finished_raises_the_count_and_succeeds_at_the_budget_in_one_commit(
+        self, store: JobStore
+    ) -> None:
+        jid = job_in(store, S.RUNNING, n_trials=3)
+        commits: list[object] = []
+
+        def committed(conn: object) -> None:
+            commits.append(conn)
+
+        event.listen(store.engine, "commit", committed)
+        try:
+            job = store.sync_finished(jid, 2)
+            assert (job.finished, job.state) == (2, S.RUNNING)
+            job = store.sync_finished(jid, 3)
+        finally:
+            event.remove(store.engine, "commit", committed)
+        assert (job.finished, job.state) == (3, S.SUCCEEDED) and job.finished_at is not None
+        assert len(commits) == 2  # one per call: the count and the end together
+        assert store.sync_finished(jid, 1).finished == 3  # never lowered, still succeeded
+
+    @pytest.mark.parametrize("state", [S.QUEUED, S.CANCELLING, S.CANCELLED, S.FAILED])
+    def test_sync_finished_at_the_budget_succeeds_only_where_the_table_allows(
+        self, store: JobStore, state: JobState
+    ) -> None:
+        jid = job_in(store, state, n_trials=1)
+        job = store.sync_finished(jid, 1)
+        assert job.finished == 1
+        assert job.state == (S.SUCCEEDED if S.SUCCEEDED in TRANSITIONS[state] else state)
+
+    def test_state_reads_the_state_alone(self, store: JobStore) -> None:
+        for state in S:
+            assert store.state(job_in(store, state)) == state
+        with pytest.raises(NotFoundError, match="nope"):
+            store.state("nope")
 
 
 def test_delete(store: JobStore) -> None:

@@ -7,7 +7,7 @@ import math
 
 import optuna
 import pytest
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from service.results import (
@@ -21,20 +21,28 @@ from service.results import (
 )
 
 D = {"learning_rate": FloatDistribution(1e-4, 1.0, log=True)}
+# Every kind of parameter: a trial's stored parameters are read back (progress's _params).
+ALL_KINDS = {"learning_rate": 0.01, "optimizer": "adamw", "width": 64}
+ADD_D = {
+    **D,
+    "optimizer": CategoricalDistribution(["sgd", "adam", "adamw"]),
+    "width": IntDistribution(16, 256, log=True),
+}
 
 
 def add(
     study: optuna.Study,
     value: float | None,
     state: TrialState = TrialState.COMPLETE,
+    params: dict[str, object] | None = None,
     **attrs: object,
 ) -> None:
     study.add_trial(
         create_trial(
             state=state,
             value=value if state == TrialState.COMPLETE else None,
-            params={"learning_rate": 0.01},
-            distributions=D,
+            params=params or {"learning_rate": 0.01},
+            distributions=ADD_D if params else D,
             user_attrs=attrs,
             intermediate_values={0: 0.5, 1: 0.6} if state != TrialState.WAITING else None,
         )
@@ -148,10 +156,10 @@ def test_progress_answers_as_the_full_read_without_it(database_url: str, directi
     ):
         counts, best = progress(s)
         assert best is None and counts["complete"] == 0 and counts["diverged"] == 0
-        add(s, 0.7)
-        add(s, 0.9)
-        add(s, 0.9, **{MODEL_ARTIFACT_ATTR: "abc"})  # the tie with saved weights wins
-        add(s, 0.1)
+        add(s, 0.7, params=ALL_KINDS)
+        add(s, 0.9, params=ALL_KINDS)
+        add(s, 0.9, params=ALL_KINDS, **{MODEL_ARTIFACT_ATTR: "abc"})  # the tie with weights wins
+        add(s, 0.1, params=ALL_KINDS)
         add(s, None, TrialState.PRUNED, diverged=True, diverged_reason="loss is nan")
         add(s, None, TrialState.PRUNED, diverged=False)
         add(s, None, TrialState.FAIL)
