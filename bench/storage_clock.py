@@ -67,10 +67,10 @@ STORAGE_PATHS = (
 # arithmetic, the best model's evaluation and file write).
 NOT_STORAGE_PATHS = (f"{os.sep}service{os.sep}db{os.sep}retry.py",)
 ENV_DIR = "STORAGE_CLOCK_DIR"
-# The signal clock's tick: a real-time signal, queued apart from the standard ones and used by
-# nothing else in the project (the worker's stop deadline is SIGALRM).
 # The signal clock's shortest gap between looks.
 MIN_GAP_S = 5e-5
+# The signal clock's tick: a real-time signal, used by nothing else in the project (the
+# worker's stop deadline is SIGALRM).
 TICK_SIGNAL: int | None = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else None
 
 

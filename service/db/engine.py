@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,9 @@ def ensure_sqlite_dir(url: str) -> None:
 
 # Execution option of connections whose transactions only read (``reader``).
 READ_ONLY_OPTION = "hpo_read_only"
-_readers: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+# Where an engine keeps its reader: an attribute, not a weak dictionary, whose values (which
+# refer to their engine) would keep every engine alive.
+_READER_ATTR = "_hpo_reader"
 
 
 def reader(engine: Engine) -> Engine:
@@ -52,9 +53,10 @@ def reader(engine: Engine) -> Engine:
     works, with pysqlite's old risk of "database is locked" when another process writes at the
     same time.
     """
-    found = _readers.get(engine)
+    found: Engine | None = engine.__dict__.get(_READER_ATTR)
     if found is None:
-        found = _readers[engine] = engine.execution_options(**{READ_ONLY_OPTION: True})
+        found = engine.execution_options(**{READ_ONLY_OPTION: True})
+        engine.__dict__[_READER_ATTR] = found
     return found
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,8 @@ def test_sqlite_reads_through_reader_take_no_lock_and_writes_still_do(tmp_path: 
     with reader(engine).connect() as c:
         assert c.execute(text("SELECT COUNT(*) FROM t")).scalar() == 1
     engine.dispose()
+    # The engine's reader refers to it; kept on the engine, it does not keep it alive.
+    gone = weakref.ref(engine)
+    del engine, c
+    gc.collect()
+    assert gone() is None
