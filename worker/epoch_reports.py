@@ -58,6 +58,12 @@ class EpochReports:
             self._pending.setdefault(trial._trial_id, {})[step] = value
             self._trials[trial._trial_id] = trial
 
+    def report(self, values: Sequence[tuple[optuna.Trial, int, float]], retry: Retry) -> None:
+        """``add`` the values, then ``write`` all that is pending once the interval has passed."""
+        self.add(values)
+        if self.due():
+            self.write(retry)
+
     def due(self) -> bool:
         return bool(self._pending) and time.monotonic() - self._written_at >= self.interval_s
 

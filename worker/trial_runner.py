@@ -516,10 +516,8 @@ def epoch_hook(ctx: TrialContext, trial: optuna.Trial) -> Callable[[EpochMetrics
                 if ctx.reports is None:
                     ctx.retry(lambda: trial.report(value, m.epoch), f"reporting trial {n}")
                 else:  # a lone trial's: they wait with the population's (worker.epoch_reports)
-                    ctx.reports.add([(trial, m.epoch, value)])
-                    if ctx.reports.due():
-                        ctx.reports.write(ctx.retry)
-                        ctx.reports.raise_error(trial)
+                    ctx.reports.report([(trial, m.epoch, value)], ctx.retry)
+                    ctx.reports.raise_error(trial)
             if ctx.on_epoch is not None:
                 ctx.on_epoch(trial.number, m)
             stop = reason_to_stop(ctx)
@@ -560,10 +558,8 @@ def report_epochs(ctx: TrialContext, epochs: list[tuple[optuna.Trial, EpochMetri
         and m.epoch not in trial._cached_frozen_trial.intermediate_values
     ]
     if ctx.reports is not None:
-        ctx.reports.add(values)
-        if ctx.reports.due():
-            with uninterruptible():
-                ctx.reports.write(ctx.retry)
+        with uninterruptible():
+            ctx.reports.report(values, ctx.retry)
         return
     if len(values) < 2:
         return  # nothing to share a commit with
